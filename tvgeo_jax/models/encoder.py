@@ -1,0 +1,241 @@
+"""A Flax (linen) BERT-family encoder: RoBERTa, DistilRoBERTa and BERT.
+
+The parameters are a plain nested dict; ``Encoder(config, head).apply`` is pure.
+Tree layout (Flax kernels are ``(in, out)``, i.e. the transpose of PyTorch's
+``nn.Linear.weight``)::
+
+  embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
+  embeddings/layer_norm/{scale,bias}
+  encoder/layer_{i}/{query,key,value,attention_output,intermediate,output}/{kernel,bias}
+  encoder/layer_{i}/{attention_layer_norm,output_layer_norm}/{scale,bias}
+  pooler/{kernel,bias}                        (BERT only)
+  classifier/{dense,out_proj}/{kernel,bias}   (RoBERTa style) | classifier/out_proj (BERT)
+  mlm_head/{dense,layer_norm}/..., mlm_head/bias  (decoder tied to word_embeddings)
+
+Parameter-tree transforms add leaves that this code picks up when present:
+
+* ``lora_a (in, r)``, ``lora_b (r, out)``, ``lora_scale ()`` next to a ``kernel``
+  (``tvgeo_jax.lora``): ``y = x·W + b + scale·(x·A)·B`` without forming W + ΔW.
+* ``attention_adapter`` / ``output_adapter`` sub-dicts of a layer
+  (``tvgeo_jax.adapters``): Houlsby bottleneck adapters.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tvgeo_jax.models.config import EncoderConfig
+
+HEADS = ("classification", "mlm", "none")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def activation(name: str):
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh"):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "relu":
+    return jax.nn.relu
+  if name in ("swish", "silu"):
+    return jax.nn.silu
+  raise ValueError(f"Unknown activation {name!r}.")
+
+
+class Dense(nn.Module):
+  """``nn.Dense`` with an optional low-rank (LoRA) update read from the tree."""
+  features: int
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    params = self.variables.get("params", {})
+    if "lora_a" in params:
+      a, b = params["lora_a"], params["lora_b"]
+      scale = params["lora_scale"]
+      low = jnp.dot(x, a.astype(self.dtype))
+      y = y + (scale * jnp.dot(low, b.astype(self.dtype))).astype(self.dtype)
+    return y
+
+
+def bottleneck_adapter(params, h, act: str, dtype):
+  """Houlsby adapter ``h + up(act(down(h)))`` from a plain params dict."""
+  down, up = params["down"], params["up"]
+  z = jnp.dot(h, down["kernel"].astype(dtype)) + down["bias"].astype(dtype)
+  z = activation(act)(z)
+  return h + jnp.dot(z, up["kernel"].astype(dtype)) + up["bias"].astype(dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with statistics in float32 whatever the compute dtype."""
+  eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Embeddings(nn.Module):
+  config: EncoderConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    c = self.config
+    init = nn.initializers.normal(0.02)
+    word = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name="word_embeddings")
+    pos = nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=init,
+                   name="position_embeddings")
+    typ = nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init,
+                   name="token_type_embeddings")
+    if c.is_roberta:
+      # RoBERTa numbers real tokens from padding_idx + 1; pads keep padding_idx.
+      not_pad = (input_ids != c.pad_token_id).astype(jnp.int32)
+      position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + c.pad_token_id
+    else:
+      position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    h = word(input_ids) + pos(position_ids) + typ(token_type_ids)
+    h = LayerNorm(c.layer_norm_eps, self.dtype, name="layer_norm")(h)
+    return nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+
+
+class Layer(nn.Module):
+  """One post-LN transformer block."""
+  config: EncoderConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, mask, deterministic: bool):
+    c = self.config
+    b, t, _ = h.shape
+    n, d = c.num_attention_heads, c.head_dim
+    split = lambda x: x.reshape(b, t, n, d)
+    q = split(Dense(c.hidden_size, self.dtype, name="query")(h))
+    k = split(Dense(c.hidden_size, self.dtype, name="key")(h))
+    v = split(Dense(c.hidden_size, self.dtype, name="value")(h))
+    bool_mask = mask[:, None, None, :].astype(bool)  # (B, 1, 1, S) over keys
+    if deterministic or c.attention_probs_dropout_prob == 0.0:
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=bool_mask)
+    else:
+      # Attention-probability dropout is not offered by the fused kernel.
+      logits = jnp.einsum("btnd,bsnd->bnts", q, k) / jnp.sqrt(d).astype(q.dtype)
+      logits = jnp.where(bool_mask, logits, jnp.finfo(logits.dtype).min)
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+      probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=False)
+      ctx = jnp.einsum("bnts,bsnd->btnd", probs, v)
+    ctx = ctx.reshape(b, t, n * d)
+    a = Dense(c.hidden_size, self.dtype, name="attention_output")(ctx)
+    a = nn.Dropout(c.hidden_dropout_prob)(a, deterministic=deterministic)
+    params = self.variables.get("params", {})
+    if "attention_adapter" in params:
+      a = bottleneck_adapter(params["attention_adapter"], a, "swish", self.dtype)
+    h = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_layer_norm")(a + h)
+    f = Dense(c.intermediate_size, self.dtype, name="intermediate")(h)
+    f = activation(c.hidden_act)(f)
+    f = Dense(c.hidden_size, self.dtype, name="output")(f)
+    f = nn.Dropout(c.hidden_dropout_prob)(f, deterministic=deterministic)
+    if "output_adapter" in params:
+      f = bottleneck_adapter(params["output_adapter"], f, "swish", self.dtype)
+    return LayerNorm(c.layer_norm_eps, self.dtype, name="output_layer_norm")(f + h)
+
+
+class Transformer(nn.Module):
+  """The stack of layers; returns the output of every layer."""
+  config: EncoderConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, mask, deterministic: bool):
+    states = []
+    for i in range(self.config.num_hidden_layers):
+      h = Layer(self.config, self.dtype, name=f"layer_{i}")(h, mask, deterministic)
+      states.append(h)
+    return states
+
+
+class ClassificationHead(nn.Module):
+  """RoBERTa: dropout→dense→tanh→dropout→out_proj on the first token.
+  BERT: the pooler (dense→tanh, a sibling module) then dropout→out_proj."""
+  config: EncoderConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    c = self.config
+    drop = nn.Dropout(c.hidden_dropout_prob)
+    if c.is_roberta:
+      x = drop(x, deterministic=deterministic)
+      x = jnp.tanh(Dense(c.hidden_size, self.dtype, name="dense")(x))
+    x = drop(x, deterministic=deterministic)
+    return Dense(c.num_labels, self.dtype, name="out_proj")(x).astype(jnp.float32)
+
+
+class MLMHead(nn.Module):
+  """dense→act→LayerNorm→decoder tied to the word embeddings, plus a bias."""
+  config: EncoderConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, embedding_table):
+    c = self.config
+    x = Dense(c.hidden_size, self.dtype, name="dense")(h)
+    x = LayerNorm(c.layer_norm_eps, self.dtype, name="layer_norm")(activation(c.hidden_act)(x))
+    bias = self.param("bias", nn.initializers.zeros, (c.vocab_size,))
+    logits = jnp.dot(x, embedding_table.T.astype(self.dtype)) + bias.astype(self.dtype)
+    return logits.astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+  """The full model: embeddings, ``num_hidden_layers`` blocks and one head.
+
+  ``head``: ``"classification"`` (regression when ``num_labels == 1``),
+  ``"mlm"`` (tied decoder) or ``"none"``. Returns a dict with ``logits``
+  (absent for ``"none"``), ``last_hidden_state`` and, on request,
+  ``hidden_states``: a tuple of ``num_hidden_layers + 1`` arrays
+  (embeddings output first), as transformers returns them.
+  """
+  config: EncoderConfig
+  head: str = "classification"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               deterministic: bool = True, output_hidden_states: bool = False):
+    c = self.config
+    if self.head not in HEADS:
+      raise ValueError(f"Unknown head {self.head!r}; choose one of {HEADS}.")
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    emb = Embeddings(c, self.dtype, name="embeddings")
+    h0 = emb(input_ids, token_type_ids, deterministic)
+    states = Transformer(c, self.dtype, name="encoder")(h0, attention_mask, deterministic)
+    h = states[-1]
+    out = {"last_hidden_state": h}
+    if output_hidden_states:
+      out["hidden_states"] = (h0, *states)
+    if self.head == "classification":
+      first = h[:, 0]
+      if not c.is_roberta:
+        first = jnp.tanh(Dense(c.hidden_size, self.dtype, name="pooler")(first))
+      out["logits"] = ClassificationHead(c, self.dtype, name="classifier")(first, deterministic)
+    elif self.head == "mlm":
+      table = emb.variables["params"]["word_embeddings"]["embedding"]
+      out["logits"] = MLMHead(c, self.dtype, name="mlm_head")(h, table)
+    return out
