@@ -1,8 +1,10 @@
 """Trainable/frozen partition of a parameter tree, per fine-tuning method.
 
 * ``full``: everything trains.
-* ``lora``: LoRA factors (``lora_a``, ``lora_b``) and the head (classifier, BERT pooler),
-  as peft's ``modules_to_save`` does for sequence classification.
+* ``lora``: LoRA factors (``lora_a``, ``lora_b``) and the classifier, as peft's
+  ``modules_to_save`` does for sequence classification (``["classifier", "score"]``:
+  BERT's pooler stays frozen in peft, so it does here; verified against
+  ``get_nb_trainable_parameters()`` in tests/test_lora.py).
 * ``bottleneck``: adapter weights, every LayerNorm and the head (Houlsby et al.).
 
 ``split``/``combine`` let a train step differentiate only the trainable part, so the
@@ -16,6 +18,8 @@ from tvgeo_jax import trees
 
 METHODS = ("full", "lora", "bottleneck")
 HEAD_MODULES = ("classifier", "pooler", "mlm_head")
+# Heads trained alongside LoRA factors: peft's modules_to_save for SEQ_CLS.
+LORA_HEAD_MODULES = ("classifier",)
 
 
 def _is_head(path) -> bool:
@@ -26,7 +30,7 @@ def is_trainable(path, method: str) -> bool:
   if method == "full":
     return True
   if method == "lora":
-    return _is_head(path) or path[-1] in ("lora_a", "lora_b")
+    return path[0] in LORA_HEAD_MODULES or path[-1] in ("lora_a", "lora_b")
   if method == "bottleneck":
     return (_is_head(path) or any(p.endswith("_adapter") for p in path)
             or any(p.endswith("layer_norm") for p in path))
