@@ -1,0 +1,261 @@
+"""Task vectors of fine-tuned models and per-layer stacks for the geometry kernels.
+
+Layout convention (BUILD_NOTES.md, "Geometry convention"): everything returned
+here is in the **paper's / PyTorch layout**, not Flax's:
+
+* full fine-tuning: ``ΔW = W_ft − W_base`` of shape ``(out, in)`` = ``(kernel_ft − kernel_base).T``;
+* LoRA: ``A (r, in) = lora_a.T`` and ``B (out, r) = (lora_scale · lora_b).T`` — the
+  scale alpha/r is **folded into B**, so ``B @ A`` is exactly the update ``ΔW (out, in)``
+  (= ``(merged kernel − base kernel).T``) and ``Im(B) = Im(ΔW)`` for a full-rank A;
+* bottleneck adapters: the adapter weights are parameters of their own (the base
+  has none, i.e. they start from zero), so their task vector is the weights
+  themselves: ``adapter_weights(params)``; in stacks a module such as
+  ``"attention_adapter/down"`` gives ``kernel.T`` (``(bottleneck, hidden)``).
+
+Stacks are ``[tasks, layers, ...]`` with layers in tree order (``layer_0`` first).
+Module names: ``query, key, value, attention_output, intermediate, output`` and the
+adapter matrices ``{attention,output}_adapter/{down,up}``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tvgeo_jax import lora, trees
+
+Path = Tuple[str, ...]
+MODULES = ("query", "key", "value", "attention_output", "intermediate", "output")
+ADAPTER_MODULES = ("attention_adapter/down", "attention_adapter/up",
+                   "output_adapter/down", "output_adapter/up")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# One model in a stack: a (finetuned, base) pair, a task-vector tree, or a LoRA tree.
+Model = Union[Mapping, Tuple[Mapping, Mapping]]
+
+
+def _is_adapter_path(path: Path) -> bool:
+  return any(k.endswith("_adapter") for k in path)
+
+
+def task_vector(finetuned: Mapping, base: Mapping, *, only_shared: bool = False) -> dict:
+  """``finetuned − base`` leaf by leaf (full fine-tuning; also bottleneck adapters).
+
+  Adapter leaves (under ``*_adapter``) that only ``finetuned`` has are taken
+  whole (their base value is zero). Any other path present in one tree only is
+  an error naming it, unless ``only_shared=True`` (then it is dropped, e.g. a
+  head the base does not have). For LoRA trees use ``lora_task_vector`` or
+  ``task_vector(lora.merge_lora(finetuned), base)``.
+
+  Raises:
+    ValueError: LoRA leaves in either tree; paths present in one tree only
+      (without ``only_shared``); leaves whose shapes differ (all named).
+  """
+  for name, tree in (("finetuned", finetuned), ("base", base)):
+    if lora.has_lora(tree):
+      raise ValueError(
+          f"The {name} tree carries LoRA factors; use lora_task_vector(tree) for the "
+          "factors, or task_vector(lora.merge_lora(finetuned), base) for dense deltas.")
+  ft, b = trees.flatten(finetuned), trees.flatten(base)
+  bad = [f"{trees.path_str(p)}: finetuned {np.shape(v)} vs base {np.shape(b[p])}"
+         for p, v in ft.items() if p in b and np.shape(v) != np.shape(b[p])]
+  only_ft = [p for p in ft if p not in b and not _is_adapter_path(p)]
+  only_base = [p for p in b if p not in ft]
+  if bad:
+    raise ValueError("Task vector of trees with different shapes (are both from the same "
+                     "base model and label count?): " + "; ".join(bad[:20]))
+  if (only_ft or only_base) and not only_shared:
+    names = ([f"finetuned only: {trees.path_str(p)}" for p in only_ft] +
+             [f"base only: {trees.path_str(p)}" for p in only_base])
+    raise ValueError("The trees hold different parameters: " + "; ".join(names[:20]) +
+                     ". Pass only_shared=True to difference the shared leaves only.")
+  out = {}
+  for p, v in ft.items():
+    if p in b:
+      out[p] = jnp.asarray(v, jnp.float32) - jnp.asarray(b[p], jnp.float32)
+    elif _is_adapter_path(p):
+      out[p] = jnp.asarray(v, jnp.float32)
+  if not out:
+    raise ValueError("The two trees share no parameters; nothing to difference.")
+  return trees.unflatten(out)
+
+
+def adapter_weights(params: Mapping) -> dict:
+  """The bottleneck-adapter leaves of a tree (their own task vector), same nesting."""
+  flat = {p: v for p, v in trees.flatten(params).items() if _is_adapter_path(p)}
+  if not flat:
+    raise ValueError("No bottleneck-adapter leaves (encoder/layer_i/*_adapter/...) in this "
+                     "tree; inject adapters with tvgeo_jax.adapters first.")
+  return trees.unflatten(flat)
+
+
+# --- per-layer access ---------------------------------------------------------
+
+def _check_module(module: str, allow_adapters: bool = True) -> Path:
+  known = MODULES + (ADAPTER_MODULES if allow_adapters else ())
+  if module not in known:
+    raise ValueError(f"Unknown module {module!r}; choose one of {known}.")
+  return tuple(module.split("/"))
+
+
+def _layers(params: Mapping, layers: Optional[Sequence[int]]) -> List[int]:
+  if "encoder" not in params:
+    raise ValueError("Tree has no 'encoder' sub-tree; expected encoder/layer_i/... "
+                     "(see BUILD_NOTES.md).")
+  have = trees.layer_indices(params)
+  if layers is None:
+    return have
+  missing = sorted(set(layers) - set(have))
+  if missing:
+    raise ValueError(f"Layers {missing} not in this tree (it has layers {have}).")
+  return list(layers)
+
+
+def _module_dict(params: Mapping, layer: int, module: Path) -> Optional[Mapping]:
+  try:
+    return trees.get_path(params, ("encoder", f"layer_{layer}") + module)
+  except (KeyError, TypeError):
+    return None
+
+
+def lora_factors(params: Mapping, module: str, layers: Optional[Sequence[int]] = None
+                 ) -> Tuple[jax.Array, jax.Array]:
+  """``(A [L, r, in], B [L, out, r])`` of a LoRA tree, PyTorch layout, scale folded into B.
+
+  ``B[l] @ A[l]`` is the update ``ΔW (out, in)`` of layer l.
+
+  Raises:
+    ValueError: the module lacks LoRA in some layer, or ranks differ across layers.
+  """
+  path = _check_module(module, allow_adapters=False)
+  layers = _layers(params, layers)
+  mods = {i: _module_dict(params, i, path) for i in layers}
+  missing = [i for i, m in mods.items() if m is None or "lora_a" not in m]
+  if missing:
+    raise ValueError(f"Module {module!r} carries no LoRA factors in layers {missing}; "
+                     f"LoRA modules of this tree: "
+                     f"{[trees.path_str(p) for p in lora.lora_paths(params)][:12]}. "
+                     "Pass layers=... to stack only the adapted layers.")
+  ranks = {i: int(np.shape(m["lora_a"])[1]) for i, m in mods.items()}
+  if len(set(ranks.values())) > 1:
+    raise ValueError(f"LoRA ranks of {module!r} differ across layers ({ranks}); "
+                     "stack the layers of each rank separately (layers=...).")
+  a = jnp.stack([jnp.asarray(mods[i]["lora_a"], jnp.float32).T for i in layers])
+  b = jnp.stack([(jnp.asarray(mods[i]["lora_scale"], jnp.float32)
+                  * jnp.asarray(mods[i]["lora_b"], jnp.float32)).T for i in layers])
+  return a, b
+
+
+def lora_delta(params: Mapping, module: str, layers: Optional[Sequence[int]] = None
+               ) -> jax.Array:
+  """The LoRA updates ``B @ A`` of ``module``: ``[L, out, in]`` (PyTorch layout)."""
+  a, b = lora_factors(params, module, layers)
+  return jnp.einsum("lor,lri->loi", b, a, precision=_HIGHEST)
+
+
+def lora_task_vector(params: Mapping, products: bool = False) -> Dict[str, object]:
+  """Per LoRA module (key: "/"-joined path): ``(A (r, in), B (out, r))``, or ``B @ A``.
+
+  The scale is folded into B, as in ``lora_factors``.
+  """
+  paths = lora.lora_paths(params)
+  if not paths:
+    raise ValueError("This tree carries no LoRA factors; use task_vector(finetuned, base).")
+  out = {}
+  for p in paths:
+    m = trees.get_path(params, p)
+    a = jnp.asarray(m["lora_a"], jnp.float32).T
+    b = (jnp.asarray(m["lora_scale"], jnp.float32) * jnp.asarray(m["lora_b"], jnp.float32)).T
+    out[trees.path_str(p)] = jnp.matmul(b, a, precision=_HIGHEST) if products else (a, b)
+  return out
+
+
+def _effective_kernel(params: Mapping, layer: int, module: Path):
+  """A module's kernel (in, out) with any LoRA update folded in; None if absent."""
+  m = _module_dict(params, layer, module)
+  if m is None or "kernel" not in m:
+    return None
+  k = jnp.asarray(m["kernel"], jnp.float32)
+  return k + lora.delta_kernel(m) if "lora_a" in m else k
+
+
+def _delta_stack(model: Model, module: str, layers: Optional[Sequence[int]], t: int):
+  """``[L, out, in]`` task vectors of one model for ``module``."""
+  path = _check_module(module)
+  adapter = _is_adapter_path(path)
+  if isinstance(model, (tuple, list)):
+    if len(model) != 2:
+      raise ValueError(f"Model {t}: expected a (finetuned, base) pair, got {len(model)} items.")
+    ft, base = model
+    layers = _layers(ft, layers)
+    out = []
+    for i in layers:
+      kf = _effective_kernel(ft, i, path)
+      kb = _effective_kernel(base, i, path)
+      if kf is None:
+        raise ValueError(f"Model {t}: finetuned tree has no encoder/layer_{i}/{module}/kernel.")
+      if kb is None and not adapter:
+        raise ValueError(f"Model {t}: base tree has no encoder/layer_{i}/{module}/kernel.")
+      if kb is not None and kb.shape != kf.shape:
+        raise ValueError(f"Model {t}: encoder/layer_{i}/{module}/kernel has shape {kf.shape} "
+                         f"in the finetuned tree but {kb.shape} in the base.")
+      out.append((kf if kb is None else kf - kb).T)
+    return jnp.stack(out)
+  if lora.has_lora(model) and not adapter:
+    return lora_delta(model, module, layers)
+  layers = _layers(model, layers)
+  out = []
+  for i in layers:
+    m = _module_dict(model, i, path)
+    if m is None or "kernel" not in m:
+      raise ValueError(f"Model {t}: no encoder/layer_{i}/{module}/kernel in the tree.")
+    out.append(jnp.asarray(m["kernel"], jnp.float32).T)
+  return jnp.stack(out)
+
+
+def stack_full(models: Sequence[Model], module: str,
+               layers: Optional[Sequence[int]] = None
+               ) -> Union[jax.Array, Dict[str, jax.Array]]:
+  """Dense task vectors of ``module`` for T models: ``[T, L, out, in]`` (PyTorch layout).
+
+  Each model is one of:
+    * a ``(finetuned, base)`` pair: ``(kernel_ft − kernel_base).T`` (LoRA factors in
+      either tree are folded in first, adapter matrices missing from the base count as 0);
+    * a tree carrying LoRA: its updates ``B @ A`` (``lora_delta``);
+    * any other tree, taken as a task vector (e.g. from ``task_vector``): ``kernel.T``;
+      for bottleneck trees the adapter modules are their own task vectors.
+
+  ``module="all"`` returns ``{name: [T, L, out, in]}`` for the six dense modules of
+  a layer (shapes differ between modules, so they are not one array).
+  """
+  if not models:
+    raise ValueError("stack_full needs at least one model.")
+  if module == "all":
+    return {m: stack_full(models, m, layers) for m in MODULES}
+  stacks = [_delta_stack(m, module, layers, t) for t, m in enumerate(models)]
+  shapes = {tuple(s.shape) for s in stacks}
+  if len(shapes) > 1:
+    raise ValueError(f"Task vectors of {module!r} differ in shape across models: "
+                     f"{[tuple(s.shape) for s in stacks]}; are they from the same base?")
+  return jnp.stack(stacks)
+
+
+def stack_lora(models: Sequence[Mapping], module: str,
+               layers: Optional[Sequence[int]] = None) -> Tuple[jax.Array, jax.Array]:
+  """LoRA factors of T models: ``(A [T, L, r, in], B [T, L, out, r])``, scale folded into B."""
+  if not models:
+    raise ValueError("stack_lora needs at least one model.")
+  pairs = []
+  for t, m in enumerate(models):
+    if isinstance(m, (tuple, list)):
+      raise ValueError(f"Model {t}: stack_lora takes LoRA trees, not (finetuned, base) pairs.")
+    if not lora.has_lora(m):
+      raise ValueError(f"Model {t} carries no LoRA factors; use stack_full for dense deltas.")
+    pairs.append(lora_factors(m, module, layers))
+  shapes = {(tuple(a.shape), tuple(b.shape)) for a, b in pairs}
+  if len(shapes) > 1:
+    raise ValueError(f"LoRA factors of {module!r} differ in shape across models (ranks or "
+                     f"bases differ): {[(tuple(a.shape), tuple(b.shape)) for a, b in pairs]}.")
+  return jnp.stack([a for a, _ in pairs]), jnp.stack([b for _, b in pairs])
