@@ -1,0 +1,196 @@
+"""Unit tests of the training core: losses, optimizer, early stopping, trace counts.
+
+References are independent: torch's cross_entropy/mse_loss and AdamW with
+transformers' linear warm-up schedule, scikit-learn's balanced class weights.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from tvgeo_jax import partition
+from tvgeo_jax.models import load_pretrained
+from tvgeo_jax.training import compile_cache, optim, presets, sharding
+from tvgeo_jax.training import step as step_lib
+from tvgeo_jax.training.config import TrainConfig, config_differences
+from tvgeo_jax.training.early_stopping import EarlyStopping
+
+import test_training_fixtures as fx
+
+
+def setUpModule():
+  compile_cache.enable(os.path.join(tempfile.gettempdir(), "tvgeo_jax_test_xla_cache"))
+
+
+class LossTest(absltest.TestCase):
+
+  def setUp(self):
+    rng = np.random.default_rng(0)
+    self.logits = rng.normal(size=(12, 3)).astype(np.float32)
+    self.labels = rng.integers(0, 3, 12).astype(np.int32)
+
+  def test_cross_entropy_with_padding_rows_matches_torch(self):
+    weights = np.ones(12, np.float32)
+    weights[9:] = 0.0  # padding rows
+    got = step_lib.weighted_mean_loss(self.logits, {"labels": self.labels, "weights": weights},
+                                      False)
+    want = torch.nn.functional.cross_entropy(torch.tensor(self.logits[:9]),
+                                             torch.tensor(self.labels[:9]).long())
+    np.testing.assert_allclose(float(got), want.item(), rtol=1e-6)
+
+  def test_balanced_class_weights_match_sklearn_and_torch(self):
+    from sklearn.utils.class_weight import compute_class_weight
+    train = np.array([0, 0, 0, 0, 1, 1, 2, 0, 1, 0])
+    cw = step_lib.balanced_class_weights(train, 3)
+    np.testing.assert_allclose(cw, compute_class_weight("balanced", classes=np.arange(3),
+                                                        y=train), rtol=1e-6)
+    got = step_lib.weighted_mean_loss(
+        self.logits, {"labels": self.labels, "weights": np.ones(12, np.float32)}, False,
+        jnp.asarray(cw))
+    want = torch.nn.functional.cross_entropy(torch.tensor(self.logits),
+                                             torch.tensor(self.labels).long(),
+                                             weight=torch.tensor(cw))
+    np.testing.assert_allclose(float(got), want.item(), rtol=1e-6)
+
+  def test_regression_is_mse(self):
+    y = np.linspace(0, 5, 12).astype(np.float32)
+    got = step_lib.weighted_mean_loss(self.logits[:, :1], {"labels": y,
+                                                           "weights": np.ones(12, np.float32)},
+                                      True)
+    want = torch.nn.functional.mse_loss(torch.tensor(self.logits[:, 0]), torch.tensor(y))
+    np.testing.assert_allclose(float(got), want.item(), rtol=1e-6)
+
+
+class OptimizerTest(absltest.TestCase):
+
+  def test_decay_mask_skips_biases_and_layer_norm_scales(self):
+    _, params = load_pretrained("tiny", num_labels=2)
+    mask = optim.decay_mask(params)
+    self.assertTrue(mask["encoder"]["layer_0"]["query"]["kernel"])
+    self.assertTrue(mask["embeddings"]["word_embeddings"]["embedding"])
+    self.assertFalse(mask["encoder"]["layer_0"]["query"]["bias"])
+    self.assertFalse(mask["encoder"]["layer_0"]["attention_layer_norm"]["scale"])
+    self.assertFalse(mask["embeddings"]["layer_norm"]["bias"])
+
+  def test_adamw_schedule_and_clipping_match_torch(self):
+    from transformers import get_linear_schedule_with_warmup
+    rng = np.random.default_rng(1)
+    params = {"dense": {"kernel": rng.normal(size=(4, 3)).astype(np.float32),
+                        "bias": rng.normal(size=(3,)).astype(np.float32)},
+              "norm": {"scale": rng.normal(size=(3,)).astype(np.float32)}}
+    total, lr, wd = 10, 0.05, 0.1
+    grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 3, params)
+             for _ in range(6)]
+    tx = optim.make_optimizer(params, learning_rate=lr, total_steps=total, warmup_ratio=0.3,
+                              weight_decay=wd, max_grad_norm=1.0)
+    state, p = tx.init(params), params
+    for g in grads:
+      upd, state = tx.update(g, state, p)
+      p = jax.tree.map(lambda a, b: a + b, p, upd)
+    # torch: two parameter groups (decay on kernels only), clip, AdamW, linear schedule.
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in
+          (("k", params["dense"]["kernel"]), ("b", params["dense"]["bias"]),
+           ("s", params["norm"]["scale"]))}
+    opt = torch.optim.AdamW([{"params": [tp["k"]], "weight_decay": wd},
+                             {"params": [tp["b"], tp["s"]], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    sched = get_linear_schedule_with_warmup(opt, 3, total)
+    for g in grads:
+      for k, v in (("k", g["dense"]["kernel"]), ("b", g["dense"]["bias"]),
+                   ("s", g["norm"]["scale"])):
+        tp[k].grad = torch.tensor(v)
+      torch.nn.utils.clip_grad_norm_(list(tp.values()), 1.0)
+      opt.step()
+      sched.step()
+    np.testing.assert_allclose(p["dense"]["kernel"], tp["k"].detach().numpy(), rtol=2e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(p["dense"]["bias"], tp["b"].detach().numpy(), rtol=2e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(p["norm"]["scale"], tp["s"].detach().numpy(), rtol=2e-5,
+                               atol=1e-6)
+
+
+class EarlyStoppingTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      # (losses, patience, epoch at which it stops or None, best epoch)
+      ([1.0, 0.8, 0.85, 0.9, 0.7, 0.75, 0.76, 0.77, 0.5], 3, 7, 4),
+      ([1.0, 0.9, 0.8, 0.7], 1, None, 3),
+      ([1.0, 1.0, 0.99], 1, 1, 0),       # equal is no improvement
+      ([0.5, float("nan"), 0.6], 2, 2, 0),  # NaN never improves
+      ([0.5, 0.6, 0.7, 0.8], 0, None, 0),   # patience 0: never stops
+  )
+  def test_stops_at_the_right_epoch(self, losses, patience, stop_epoch, best_epoch):
+    es = EarlyStopping(patience=patience)
+    stopped_at = None
+    for epoch, loss in enumerate(losses):
+      es = es.update(epoch, loss)
+      if es.stop:
+        stopped_at = epoch
+        break
+    self.assertEqual(stopped_at, stop_epoch)
+    self.assertEqual(es.best_epoch, best_epoch)
+    self.assertEqual(EarlyStopping.from_dict(es.to_dict()), es)
+
+
+class ConfigTest(absltest.TestCase):
+
+  def test_paper_preset(self):
+    full = presets.resolve("qnli", "full", "roberta-base")
+    lora = presets.resolve("qnli", "lora", "roberta-base")
+    self.assertEqual((full.learning_rate, full.batch_size, full.epochs, full.patience),
+                     (2e-5, 20, 20, 5))
+    self.assertEqual((lora.learning_rate, lora.lora_rank, lora.lora_alpha, lora.lora_targets),
+                     (1e-4, 8, 16.0, ("query", "value")))
+    self.assertEqual(presets.resolve("synth_sst2", "lora", "tiny").learning_rate, 3e-3)
+    self.assertEqual(presets.resolve("x", "lora", "tiny", "paper",
+                                     {"learning_rate": 5e-4}).learning_rate, 5e-4)
+
+  def test_bad_values_are_named(self):
+    with self.assertRaisesRegex(ValueError, "lora_rank must be > 0"):
+      TrainConfig(method="lora", lora_rank=0)
+    with self.assertRaisesRegex(ValueError, "learning_rate must be > 0"):
+      TrainConfig(learning_rate=-1e-3)
+    with self.assertRaisesRegex(ValueError, "valid methods: full, lora, bottleneck"):
+      TrainConfig(method="ia3")
+    with self.assertRaisesRegex(ValueError, "valid presets"):
+      presets.resolve("t", "lora", "tiny", "fast")
+
+  def test_config_differences_ignore_book_keeping(self):
+    a = TrainConfig(method="lora")
+    b = a.replace(checkpoint_every=7, learning_rate=0.5, lora_targets=("query",))
+    self.assertEqual(set(config_differences(a.to_dict(), b)), {"learning_rate", "lora_targets"})
+
+
+class TraceCountTest(absltest.TestCase):
+
+  def test_train_and_eval_steps_trace_once_per_bucket_shape(self):
+    cfg, params = load_pretrained("tiny", num_labels=2)
+    trainable, frozen = partition.split(params, "full")
+    tx = optim.make_optimizer(trainable, learning_rate=1e-3, total_steps=10)
+    mesh = sharding.data_mesh()
+    state = sharding.replicate(step_lib.init_state(trainable, tx), mesh)
+    frozen = sharding.replicate(frozen, mesh)
+    train = step_lib.make_train_step(model_config=cfg.replace(hidden_dropout_prob=0.0,
+                                                              attention_probs_dropout_prob=0.0),
+                                     optimizer=tx, mesh=mesh, is_regression=False)
+    evaluate = step_lib.make_eval_step(model_config=cfg, mesh=mesh, is_regression=False)
+    shapes = [8, 16, 8, 16, 8]
+    for t in shapes:
+      batch = next(fx.batches(fx.marker_examples(4, seq_len=t), 4))
+      state, metrics = train(state, frozen, sharding.shard_batch(batch, mesh))
+      evaluate(partition.combine(state["trainable"], frozen), sharding.shard_batch(batch, mesh))
+    self.assertEqual(train.traces, 2)
+    self.assertEqual(evaluate.traces, 2)
+    self.assertEqual(int(state["step"]), len(shapes))
+    self.assertTrue(np.isfinite(float(metrics["loss"])))
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,95 @@
+"""Orbax checkpoints of a run: the latest train state and the best trainable params.
+
+``RUN/checkpoints/latest/<step>/``: ``state`` (step, trainable, optimizer state) and
+``meta`` (JSON: epoch, batches consumed in it, early-stopping state, history).
+``RUN/checkpoints/best/<step>/``: ``trainable`` (best by validation loss) and ``meta``.
+Orbax writes each step to a temporary directory and renames it when complete, so
+a kill mid-save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def abstract_like(tree: Any) -> Any:
+  """Shapes, dtypes and shardings of ``tree`` (a restore target)."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class RunCheckpoints:
+  """The two orbax managers of a run directory."""
+
+  def __init__(self, run_dir: str):
+    root = os.path.join(run_dir, "checkpoints")
+    self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2)
+    self.best = _manager(os.path.join(root, "best"), max_to_keep=1)
+
+  # --- latest state ----------------------------------------------------------
+  def save_latest(self, step: int, state: Mapping, meta: Mapping) -> None:
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
+
+  def restore_latest(self, target_state: Any) -> Optional[Tuple[Any, dict]]:
+    """(state, meta) of the newest complete checkpoint, or None if there is none."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    got = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_like(target_state)),
+        meta=ocp.args.JsonRestore()))
+    return got["state"], dict(got["meta"])
+
+  # --- best params -----------------------------------------------------------
+  def save_best(self, step: int, trainable: Mapping, meta: Mapping) -> None:
+    self.best.save(step, args=ocp.args.Composite(
+        trainable=ocp.args.StandardSave(trainable), meta=ocp.args.JsonSave(dict(meta))),
+        force=True)
+
+  def restore_best(self, target_trainable: Any) -> Optional[Tuple[Any, dict]]:
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    got = self.best.restore(step, args=ocp.args.Composite(
+        trainable=ocp.args.StandardRestore(abstract_like(target_trainable)),
+        meta=ocp.args.JsonRestore()))
+    return got["trainable"], dict(got["meta"])
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def save_tree(directory: str, tree: Mapping) -> None:
+  """Write a plain params tree to ``directory`` atomically (orbax, synchronous)."""
+  from tvgeo_jax import io_utils
+  with io_utils.atomic_directory(directory) as tmp:
+    os.rmdir(tmp)  # orbax creates the directory itself (via its own temp + rename).
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp, tree)
+      ckptr.wait_until_finished()
+
+
+def load_tree(directory: str) -> dict:
+  """A tree written by ``save_tree``, as numpy arrays."""
+  import numpy as np
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(os.path.abspath(directory))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
+    restored = ckptr.restore(os.path.abspath(directory), target)
+  return jax.tree.map(np.asarray, restored)

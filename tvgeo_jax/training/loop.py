@@ -1,0 +1,331 @@
+"""The fine-tuning loop: epochs, per-epoch validation, early stopping, checkpoints, outputs.
+
+``finetune(config, run_dir)`` is a whole run. It is preemption-safe: the latest
+train state (and where in the epoch's deterministic data order it stood) is saved
+every ``checkpoint_every`` steps and at each epoch end; rerunning the same call
+resumes from it and ends with the same params as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tvgeo_jax import io_utils, partition, runs
+from tvgeo_jax.training import checkpoint as ckpt_lib
+from tvgeo_jax.training import methods, optim, sharding, step as step_lib
+from tvgeo_jax.training.config import TrainConfig, config_differences
+from tvgeo_jax.training.early_stopping import EarlyStopping
+
+Batch = Dict[str, np.ndarray]
+
+
+class StopRequested(Exception):
+  """Raised by ``stop_after_steps`` (simulates a kill; nothing is saved at that moment)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient norm became NaN/inf."""
+
+
+@dataclasses.dataclass
+class TaskData:
+  """What the loop needs from the data layer (host-local batches in the batch format).
+
+  Attributes:
+    num_labels, is_regression, label_names, metrics, main_metric: the task.
+    train_batches: ``fn(epoch) -> iterator`` of this host's training batches; the
+      order must be a deterministic function of (seed, epoch).
+    num_train_batches: batches per epoch.
+    eval_batches: ``fn(split) -> iterator`` for "validation" / "test", every example
+      once (padding rows have weight 0).
+    train_labels: all training labels (for balanced class weights).
+  """
+  num_labels: int
+  is_regression: bool
+  label_names: Sequence[str]
+  metrics: Sequence[str]
+  main_metric: str
+  train_batches: Callable[[int], Iterator[Batch]]
+  num_train_batches: int
+  eval_batches: Callable[[str], Iterator[Batch]]
+  train_labels: Optional[np.ndarray] = None
+
+
+# --- evaluation ----------------------------------------------------------------
+
+def predict(eval_step, params, batches: Iterator[Batch], mesh) -> Dict[str, np.ndarray]:
+  """Logits, per-row loss, labels and weights of every real example (weight > 0)."""
+  out: Dict[str, List[np.ndarray]] = {"logits": [], "loss": [], "labels": [], "weights": []}
+  for batch in batches:
+    res = {k: sharding.to_host(v) for k, v in
+           eval_step(params, sharding.shard_batch(batch, mesh)).items()}
+    keep = res["weights"] > 0
+    for k in out:
+      out[k].append(res[k][keep])
+  return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+
+
+def mean_loss(pred: Mapping[str, np.ndarray], class_weights: Optional[np.ndarray]) -> float:
+  """The training objective on an eval split (class-weighted if training was)."""
+  w = pred["weights"].astype(np.float64)
+  if class_weights is not None:
+    w = w * class_weights[pred["labels"].astype(np.int64)]
+  return float(np.sum(w * pred["loss"]) / max(np.sum(w), 1e-12))
+
+
+def split_metrics(pred: Mapping[str, np.ndarray], data: TaskData,
+                  class_weights: Optional[np.ndarray]) -> Dict[str, Any]:
+  from tvgeo_jax import metrics as metrics_lib
+  logits = pred["logits"]
+  values = logits[:, 0] if data.is_regression else logits
+  res = metrics_lib.compute_metrics(list(data.metrics), values, pred["labels"],
+                                    label_names=list(data.label_names) or None)
+  res = dict(res)
+  res["loss"] = mean_loss(pred, class_weights)
+  res["num_examples"] = int(pred["labels"].shape[0])
+  return res
+
+
+# --- run-directory helpers -------------------------------------------------------
+
+def _check_or_write_config(run_dir: str, config: TrainConfig) -> bool:
+  """True when resuming. Raises if the saved config differs in a result-relevant field."""
+  path = os.path.join(run_dir, runs.RUN_CONFIG)
+  if os.path.exists(path):
+    diff = config_differences(io_utils.read_json(path), config)
+    if diff:
+      fields = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in
+                         ((k, *v) for k, v in diff.items()))
+      raise ValueError(
+          f"{run_dir!r} holds an unfinished run with a different configuration ({fields}). "
+          "Rerun with the saved values to resume, pass --overwrite to start afresh, "
+          "or choose another --out.")
+    return True
+  if jax.process_index() == 0:
+    io_utils.atomic_write_json(path, config.to_dict())
+  return False
+
+
+class _MetricsLog:
+  """Append-only JSON lines; on resume, records after the restored step are dropped."""
+
+  def __init__(self, path: str, keep_until_step: Optional[int]):
+    self.path = path
+    self.enabled = jax.process_index() == 0
+    if self.enabled and os.path.exists(path):
+      with open(path) as f:
+        lines = [l for l in f if l.strip()]
+      keep = [l for l in lines if keep_until_step is not None
+              and json.loads(l).get("step", 0) <= keep_until_step]
+      io_utils.atomic_write_text(path, "".join(keep))
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, default=io_utils._json_default) + "\n")
+
+
+def _devices_info(mesh) -> Dict[str, Any]:
+  d = mesh.devices.flat[0]
+  return {"count": int(mesh.devices.size), "platform": d.platform,
+          "kind": getattr(d, "device_kind", d.platform), "processes": jax.process_count()}
+
+
+def _load_data(config: TrainConfig) -> TaskData:
+  from tvgeo_jax.training import data_source
+  return data_source.task_data(config)
+
+
+# --- the run -----------------------------------------------------------------------
+
+def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TaskData] = None,
+             overwrite: bool = False, mesh=None) -> Dict[str, Any]:
+  """Fine-tune ``config.model`` on ``config.task`` into ``run_dir``; returns results.json.
+
+  A finished run is returned as is unless ``overwrite``. An unfinished one resumes.
+  """
+  config.validate()
+  run_dir = os.path.abspath(run_dir)
+  if overwrite and os.path.exists(run_dir) and jax.process_index() == 0:
+    shutil.rmtree(run_dir)
+  if runs.is_finished(run_dir):
+    logging.info("%s is a finished run; skipping (pass --overwrite to redo it).", run_dir)
+    return io_utils.read_json(os.path.join(run_dir, runs.RESULTS))
+  os.makedirs(run_dir, exist_ok=True)
+  resuming = _check_or_write_config(run_dir, config)
+  data = data if data is not None else _load_data(config)
+  t_start = time.time()
+
+  # Model and method.
+  from tvgeo_jax.models import load_pretrained
+  model_config, base = load_pretrained(config.model, num_labels=data.num_labels,
+                                       label_names=tuple(data.label_names) or None,
+                                       seed=config.seed)
+  if config.dropout is not None:
+    model_config = model_config.replace(hidden_dropout_prob=config.dropout,
+                                        attention_probs_dropout_prob=config.dropout)
+  params = methods.prepare_params(base, model_config, config)
+  trainable, frozen = partition.split(params, config.method)
+  n_trainable, n_total = partition.count_parameters(params, config.method)
+  mesh = mesh if mesh is not None else sharding.data_mesh()
+  dtype = jnp.dtype(config.dtype)
+
+  class_weights = None
+  if config.class_weights and not data.is_regression:
+    if data.train_labels is None:
+      raise ValueError("class_weights needs the training labels (TaskData.train_labels).")
+    class_weights = step_lib.balanced_class_weights(data.train_labels, data.num_labels)
+
+  total_steps = config.epochs * data.num_train_batches
+  optimizer = optim.make_optimizer(
+      trainable, learning_rate=config.learning_rate, total_steps=total_steps,
+      warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
+      max_grad_norm=config.max_grad_norm, b1=config.adam_b1, b2=config.adam_b2,
+      eps=config.adam_eps)
+  schedule = optim.linear_schedule(config.learning_rate, total_steps, config.warmup_ratio)
+  state = sharding.replicate(step_lib.init_state(trainable, optimizer), mesh)
+  frozen = sharding.replicate(frozen, mesh)
+  train_step = step_lib.make_train_step(
+      model_config=model_config, optimizer=optimizer, mesh=mesh,
+      is_regression=data.is_regression, seed=config.seed, dtype=dtype,
+      class_weights=class_weights)
+  eval_step = step_lib.make_eval_step(model_config=model_config, mesh=mesh,
+                                      is_regression=data.is_regression, dtype=dtype)
+
+  # Resume.
+  ckpts = ckpt_lib.RunCheckpoints(run_dir)
+  epoch, position = 0, 0
+  stopper = EarlyStopping(patience=config.patience)
+  history: List[Dict[str, Any]] = []
+  elapsed_before = 0.0  # wall time of earlier (interrupted) sessions of this run
+  restored = ckpts.restore_latest(state) if resuming else None
+  if restored is not None:
+    state, meta = restored
+    epoch, position = int(meta["epoch"]), int(meta["position"])
+    stopper = EarlyStopping.from_dict(meta["early_stopping"])
+    history = list(meta["history"])
+    elapsed_before = float(meta.get("elapsed_s", 0.0))
+    logging.info("Resuming %s from step %d (epoch %d, batch %d).", run_dir,
+                 int(state["step"]), epoch, position)
+  elif resuming:
+    logging.info("%s: no complete checkpoint yet; starting from step 0.", run_dir)
+  log = _MetricsLog(os.path.join(run_dir, runs.METRICS_LOG),
+                    int(state["step"]) if restored is not None else None)
+
+  def meta_now(epoch_, position_):
+    return {"epoch": epoch_, "position": position_, "early_stopping": stopper.to_dict(),
+            "history": history, "elapsed_s": elapsed_before + time.time() - t_start}
+
+  def check_finite(metrics, at_step):
+    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      ckpts.wait()
+      last = ckpts.latest.latest_step()
+      raise NonFiniteLossError(
+          f"Non-finite training loss {loss} (gradient norm {gnorm}) at step {at_step} "
+          f"(epoch {epoch}); stopped. The last good checkpoint (step {last}) is kept in "
+          f"{run_dir}/checkpoints. Lower --learning_rate, use --dtype=float32 or check "
+          "the data; rerunning resumes from that checkpoint.")
+    return loss
+
+  try:
+    while epoch < config.epochs and not stopper.stop:
+      show = config.progress and jax.process_index() == 0
+      bar = None
+      if show:
+        from tqdm import tqdm
+        bar = tqdm(total=data.num_train_batches, initial=position,
+                   desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True)
+      pending = None  # (step number, metrics) of the previous step: fetched one step late
+      t0, tokens = time.time(), 0
+      for i, batch in enumerate(data.train_batches(epoch)):
+        if i < position:
+          continue
+        state, metrics = train_step(state, frozen, sharding.shard_batch(batch, mesh))
+        step_no = i + 1 + epoch * data.num_train_batches
+        tokens += int(np.sum(batch["attention_mask"])) * jax.process_count()
+        if pending is not None:
+          loss = check_finite(pending[1], pending[0])
+          if pending[0] % config.log_every == 0:
+            rate = tokens / max(time.time() - t0, 1e-9)
+            log.write({"kind": "step", "step": pending[0], "epoch": epoch, "loss": loss,
+                       "grad_norm": float(pending[1]["grad_norm"]),
+                       "learning_rate": float(schedule(pending[0] - 1)), "tokens_per_s": rate})
+            if bar is not None:
+              bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+        pending = (step_no, metrics)
+        if bar is not None:
+          bar.update(1)
+        if step_no % config.checkpoint_every == 0 and i + 1 < data.num_train_batches:
+          check_finite(metrics, step_no)
+          ckpts.save_latest(step_no, state, meta_now(epoch, i + 1))
+        if config.stop_after_steps and step_no >= config.stop_after_steps:
+          raise StopRequested(f"stop_after_steps={config.stop_after_steps} reached at step "
+                              f"{step_no}; rerun the same command to resume.")
+      if pending is not None:
+        check_finite(pending[1], pending[0])
+      if bar is not None:
+        bar.close()
+      step_no = (epoch + 1) * data.num_train_batches
+      # Validation, early stopping, best params.
+      full = partition.combine(state["trainable"], frozen)
+      val = split_metrics(predict(eval_step, full, data.eval_batches("validation"), mesh),
+                          data, class_weights)
+      stopper = stopper.update(epoch, val["loss"])
+      record = {"kind": "epoch", "step": step_no, "epoch": epoch,
+                "validation_loss": val["loss"],
+                "validation": {k: v for k, v in val.items() if np.isscalar(v)},
+                "best_epoch": stopper.best_epoch, "seconds": time.time() - t0}
+      history.append(record)
+      log.write(record)
+      logging.info("epoch %d: validation loss %.4f %s (best epoch %d)", epoch + 1,
+                   val["loss"], {k: round(v, 4) for k, v in record["validation"].items()
+                                 if isinstance(v, float)}, stopper.best_epoch + 1)
+      if stopper.improved_last:
+        ckpts.save_best(step_no, state["trainable"], {"epoch": epoch, "validation": val})
+      epoch, position = epoch + 1, 0
+      ckpts.save_latest(step_no, state, meta_now(epoch, 0))
+    ckpts.wait()
+  except BaseException:
+    ckpts.wait()
+    ckpts.close()
+    raise
+
+  # Best params → final evaluation and outputs.
+  best = ckpts.restore_best(state["trainable"])
+  ckpts.close()
+  if best is None:
+    raise RuntimeError(f"{run_dir}: no best checkpoint was saved (no epoch ran?).")
+  best_trainable, best_meta = best
+  best_params = partition.combine(best_trainable, frozen)
+  results_by_split = {}
+  for split in ("validation", "test"):
+    pred = predict(eval_step, best_params, data.eval_batches(split), mesh)
+    results_by_split[split] = split_metrics(pred, data, class_weights)
+  host_params = jax.tree.map(np.asarray, best_params)
+  results = {
+      "task": config.task, "method": config.method, "base_model": config.model,
+      "base_model_path": runs.resolve_base_path(config.model),
+      "config": config.to_dict(), "model_config": model_config.to_hf_dict(),
+      "metrics": results_by_split, "main_metric": data.main_metric,
+      "best_epoch": int(best_meta["epoch"]), "epochs_trained": len(history),
+      "stopped_early": bool(stopper.stop), "steps": int(state["step"]),
+      "wall_time_s": elapsed_before + time.time() - t_start,
+      "parameters": {"trainable": n_trainable, "total": n_total,
+                     "trainable_share": n_trainable / max(n_total, 1)},
+      "devices": _devices_info(mesh), "history": history,
+  }
+  if jax.process_index() == 0:
+    runs.write_outputs(run_dir, host_params, model_config, config.method, results,
+                       base_model=runs.resolve_base_path(config.model) or config.model)
+  return results
