@@ -642,8 +642,8 @@ def generate(name: str, seed: int = 0, scale: float = 1.0):
   gen = GENERATORS[spec.name]
   n_train, n_test = sizes(spec.name, scale)
   k = STSB_LEVELS if spec.is_regression else spec.num_labels
-  per_train = -(-n_train // k)
-  per_test = -(-n_test // k)
+  per_train = max(1, int(round(n_train / k)))
+  per_test = max(1, int(round(n_test / k)))
   r = random.Random(f"{spec.name}/{seed}/v{GENERATOR_VERSION}")
   seen = set()
   train, test = [], []
