@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 from absl.testing import absltest
 import numpy as np
 
-from tvgeo_jax.training.loop import TaskData
+from tvgeo_jax.training.loop import TrainingData
 
 PAD, CLS, SEP = 1, 0, 2
 MARKERS = (7, 8, 9, 10)
@@ -49,7 +49,7 @@ def batches(examples: Dict[str, np.ndarray], batch_size: int, order=None):
 
 
 def marker_task(n_train: int = 256, n_eval: int = 64, num_labels: int = 2, batch_size: int = 16,
-                seq_len: int = 16, seed: int = 0) -> TaskData:
+                seq_len: int = 16, seed: int = 0) -> TrainingData:
   splits = {name: marker_examples(n, num_labels, seq_len, seed + k)
             for k, (name, n) in enumerate((("train", n_train), ("validation", n_eval),
                                            ("test", n_eval)))}
@@ -58,7 +58,7 @@ def marker_task(n_train: int = 256, n_eval: int = 64, num_labels: int = 2, batch
     order = np.random.default_rng([seed, epoch]).permutation(n_train)
     return batches(splits["train"], batch_size, order)
 
-  return TaskData(num_labels=num_labels, is_regression=False,
+  return TrainingData(num_labels=num_labels, is_regression=False,
                   label_names=[f"c{i}" for i in range(num_labels)], metrics=("accuracy",),
                   main_metric="accuracy", train_batches=train_batches,
                   num_train_batches=-(-n_train // batch_size),

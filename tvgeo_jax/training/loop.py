@@ -38,7 +38,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclasses.dataclass
-class TaskData:
+class TrainingData:
   """What the loop needs from the data layer (host-local batches in the batch format).
 
   Attributes:
@@ -83,7 +83,7 @@ def mean_loss(pred: Mapping[str, np.ndarray], class_weights: Optional[np.ndarray
   return float(np.sum(w * pred["loss"]) / max(np.sum(w), 1e-12))
 
 
-def split_metrics(pred: Mapping[str, np.ndarray], data: TaskData,
+def split_metrics(pred: Mapping[str, np.ndarray], data: TrainingData,
                   class_weights: Optional[np.ndarray]) -> Dict[str, Any]:
   from tvgeo_jax import metrics as metrics_lib
   logits = pred["logits"]
@@ -141,14 +141,14 @@ def _devices_info(mesh) -> Dict[str, Any]:
           "kind": getattr(d, "device_kind", d.platform), "processes": jax.process_count()}
 
 
-def _load_data(config: TrainConfig) -> TaskData:
+def _load_data(config: TrainConfig) -> TrainingData:
   from tvgeo_jax.training import data_source
   return data_source.task_data(config)
 
 
 # --- the run -----------------------------------------------------------------------
 
-def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TaskData] = None,
+def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] = None,
              overwrite: bool = False, mesh=None) -> Dict[str, Any]:
   """Fine-tune ``config.model`` on ``config.task`` into ``run_dir``; returns results.json.
 
@@ -161,9 +161,9 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TaskData] = No
   if runs.is_finished(run_dir):
     logging.info("%s is a finished run; skipping (pass --overwrite to redo it).", run_dir)
     return io_utils.read_json(os.path.join(run_dir, runs.RESULTS))
+  data = data if data is not None else _load_data(config)  # bad task names fail here
   os.makedirs(run_dir, exist_ok=True)
   resuming = _check_or_write_config(run_dir, config)
-  data = data if data is not None else _load_data(config)
   t_start = time.time()
 
   # Model and method.
@@ -183,7 +183,7 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TaskData] = No
   class_weights = None
   if config.class_weights and not data.is_regression:
     if data.train_labels is None:
-      raise ValueError("class_weights needs the training labels (TaskData.train_labels).")
+      raise ValueError("class_weights needs the training labels (TrainingData.train_labels).")
     class_weights = step_lib.balanced_class_weights(data.train_labels, data.num_labels)
 
   total_steps = config.epochs * data.num_train_batches

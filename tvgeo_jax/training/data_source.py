@@ -1,0 +1,38 @@
+"""Build the loop's ``TrainingData`` from ``tvgeo_jax.data``: a task, its tokenizer, batches.
+
+Training batches are shuffled from ``(seed, epoch)`` (so a resumed run sees the same
+order) and bucketed by length; each host yields only its slice of every global batch.
+"""
+from __future__ import annotations
+
+import jax
+
+from tvgeo_jax.training.config import TrainConfig
+from tvgeo_jax.training.loop import TrainingData
+
+
+def task_spec(name: str):
+  """The task's spec; a ValueError lists the valid task names."""
+  from tvgeo_jax import data
+  return data.get_task(name)
+
+
+def task_data(config: TrainConfig) -> TrainingData:
+  """Load, tokenise and batch ``config.task`` for ``config.model``'s tokenizer."""
+  from tvgeo_jax import data
+  spec = task_spec(config.task)
+  raw = data.load_task_data(spec.name, data_dir=config.data_dir, seed=config.seed,
+                            scale=config.data_scale)
+  tokenizer = data.load_tokenizer(config.model)
+  enc = {s: data.encode(tokenizer, *raw[s], max_length=config.max_seq_len)
+         for s in data.SPLITS}
+  hosts = dict(host_index=jax.process_index(), host_count=jax.process_count())
+  train = data.Batches(enc["train"], config.batch_size, shuffle=True, seed=config.seed, **hosts)
+  evals = {s: data.Batches(enc[s], config.eval_batch_size, **hosts)
+           for s in ("validation", "test")}
+  return TrainingData(
+      num_labels=spec.num_labels, is_regression=spec.is_regression,
+      label_names=tuple(spec.label_names), metrics=tuple(spec.metrics),
+      main_metric=spec.main_metric, train_batches=train.epoch, num_train_batches=len(train),
+      eval_batches=lambda split: evals[split].epoch(0),
+      train_labels=enc["train"].labels)
