@@ -1,0 +1,108 @@
+"""Plots of task-distance matrices: PCA scatter, heatmap, dendrogram (PNG, Agg).
+
+Paper A visualises ``T̄_d`` by a 2-D PCA of its rows (each task a point,
+Figures 2 and 3) and clusters tasks hierarchically (Figure 4). Every plot
+function takes a ``[T, T]`` distance matrix, draws it on a given matplotlib
+axis (so callers can compose side-by-side panels) and returns what it
+computed; ``save_figure`` writes a figure atomically.
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.cluster import hierarchy  # noqa: E402
+from scipy.spatial import distance as spdist  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+
+from tvgeo_jax import io_utils  # noqa: E402
+
+
+def _check_square(d: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+  d = np.asarray(d, np.float64)
+  if d.ndim != 2 or d.shape[0] != d.shape[1]:
+    raise ValueError(f"Expected a square [T, T] distance matrix, got shape {d.shape}.")
+  if len(labels) != d.shape[0]:
+    raise ValueError(f"{len(labels)} labels for a {d.shape[0]}x{d.shape[0]} matrix.")
+  return d
+
+
+def pca_coordinates(d: np.ndarray, n_components: int = 2) -> np.ndarray:
+  """2-D PCA of the rows of ``d`` (sklearn ``PCA.fit_transform``), ``[T, 2]``.
+
+  Needs finite entries: drop or impute NaN rows (zero task vectors) first.
+  """
+  d = np.asarray(d, np.float64)
+  if not np.all(np.isfinite(d)):
+    raise ValueError("PCA needs a finite matrix; this one has NaN/inf entries (zero task "
+                     "vectors?). Drop those tasks or use the reports to find them.")
+  n = min(n_components, d.shape[0], d.shape[1])
+  coords = PCA(n_components=n).fit_transform(d)
+  if n < n_components:
+    coords = np.pad(coords, ((0, 0), (0, n_components - n)))
+  return coords
+
+
+def plot_pca(ax, d: np.ndarray, labels: Sequence[str], title: str = "") -> np.ndarray:
+  """Scatter of ``pca_coordinates(d)`` with task labels; returns the coordinates."""
+  d = _check_square(d, labels)
+  coords = pca_coordinates(d)
+  ax.scatter(coords[:, 0], coords[:, 1], s=30)
+  for (x, y), name in zip(coords, labels):
+    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+  ax.set_title(title, fontsize=9)
+  ax.set_xlabel("PC 1")
+  ax.set_ylabel("PC 2")
+  return coords
+
+
+def plot_heatmap(ax, d: np.ndarray, labels: Sequence[str], title: str = "") -> None:
+  """Distance matrix as an image with task names on both axes (NaN shown blank)."""
+  d = _check_square(d, labels)
+  im = ax.imshow(np.ma.masked_invalid(d), cmap="viridis")
+  ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+  ax.set_yticks(range(len(labels)), labels, fontsize=7)
+  ax.set_title(title, fontsize=9)
+  ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+
+def linkage(d: np.ndarray, method: str = "average") -> np.ndarray:
+  """scipy linkage of a symmetric distance matrix (diagonal ignored)."""
+  d = np.asarray(d, np.float64)
+  if not np.all(np.isfinite(d)):
+    raise ValueError("Hierarchical clustering needs finite distances; drop NaN tasks first.")
+  sym = 0.5 * (d + d.T)
+  np.fill_diagonal(sym, 0.0)
+  return hierarchy.linkage(spdist.squareform(np.maximum(sym, 0.0), checks=False), method=method)
+
+
+def plot_dendrogram(ax, d: np.ndarray, labels: Sequence[str], title: str = "",
+                    method: str = "average") -> np.ndarray:
+  """Dendrogram of the tasks (paper A Figure 4); returns the linkage matrix."""
+  d = _check_square(d, labels)
+  z = linkage(d, method)
+  hierarchy.dendrogram(z, labels=list(labels), ax=ax, leaf_rotation=90, leaf_font_size=8)
+  ax.set_title(title, fontsize=9)
+  return z
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+  """Write ``fig`` as PNG to ``path`` atomically and close it."""
+  buf = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(buf, format="png", dpi=dpi)
+  plt.close(fig)
+  io_utils.atomic_write_bytes(path, buf.getvalue())
+
+
+def panels(n: int, title: Optional[str] = None, size: float = 4.0):
+  """A figure with ``n`` side-by-side axes (always a list)."""
+  fig, axes = plt.subplots(1, n, figsize=(size * n, size), squeeze=False)
+  if title:
+    fig.suptitle(title)
+  return fig, list(axes[0])

@@ -1,0 +1,208 @@
+"""Distances between two task vectors: dense matrices or LoRA factor pairs.
+
+Dense task vectors ``ΔW (out, in)`` (full fine-tuning) and LoRA updates
+``ΔW = B A`` with ``B (out, r)`` (scale alpha/r folded in) and ``A (r, in)``
+(BUILD_NOTES "Geometry convention"). All functions accept extra leading batch
+dimensions and are jit/vmap friendly; the grid (``tvgeo_jax.geometry.grid``)
+computes the same quantities for all task pairs and layers in one call.
+
+Metrics (paper A, section 2.2):
+  * L2: ``‖W1 − W2‖_F``;
+  * cosine distance: ``1 − <W1, W2> / (‖W1‖ ‖W2‖)`` on the flattened matrices
+    (NaN when either matrix is zero);
+  * Grassmann: ``d_G = sqrt(Σ θ_i²)`` over the principal angles between the
+    column spaces ``Im(W1), Im(W2) ⊂ R^out``; subspaces of different dimensions
+    use ``min(r1, r2)`` angles; a zero matrix has no column space (NaN).
+Numerical rank: singular values above ``rtol * s_max``; ``rtol`` defaults to
+NumPy's ``max(shape) * eps(float32)``.
+
+LoRA kernels never form the ``out x in`` product: ``<B1A1, B2A2> =
+tr((B1ᵀB2)(A2A1ᵀ))`` costs ``O((out + in) r²)``. The column space of ``BA`` is
+``Im(B)`` when ``A`` has full row rank; in general it is computed exactly as
+``Im(B R)`` for the small factor ``R`` of ``A`` (so a rank-deficient ``A`` is
+handled, not assumed away).
+
+Identifiability caveat for the factor-alone analyses (paper A, Figure 4):
+``(B M, M⁻¹ A)`` gives the same ``ΔW`` for any invertible ``M``, so the
+flattened ``A`` or ``B`` alone (and their L2/cosine) are not functions of the
+update; ``Im(B)`` (= ``Im(ΔW)`` for full-rank ``A``) and the row space of ``A``
+(= that of ``ΔW`` for full-rank ``B``) are.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from tvgeo_jax.geometry import linalg
+from tvgeo_jax.geometry.linalg import einsum, mm
+
+
+# --- flattened metrics ----------------------------------------------------------
+
+def _flat_inner(x, y):
+  return jnp.sum(x * y, axis=(-2, -1))
+
+
+def distances_from_inner(inner, sq1, sq2):
+  """``(l2, cosine)`` from ``<x, y>``, ``‖x‖²``, ``‖y‖²`` (NaN cosine if a norm is 0).
+
+  L2 goes through ``‖x‖² + ‖y‖² − 2<x, y>``: its relative error is
+  ``~eps (‖x‖² + ‖y‖²) / L2²``, small unless the two are nearly equal.
+  """
+  l2 = jnp.sqrt(jnp.maximum(sq1 + sq2 - 2.0 * inner, 0.0))
+  denom = jnp.sqrt(sq1 * sq2)
+  cos = jnp.where(denom > 0, 1.0 - inner / jnp.where(denom > 0, denom, 1.0), jnp.nan)
+  return l2, cos
+
+
+def l2_distance(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Frobenius norm of ``x − y`` over the last two axes."""
+  d = jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32)
+  return jnp.sqrt(jnp.sum(d * d, axis=(-2, -1)))
+
+
+def cosine_distance(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``1 − cos`` of the flattened matrices; NaN if either is zero."""
+  x = jnp.asarray(x, jnp.float32)
+  y = jnp.asarray(y, jnp.float32)
+  return distances_from_inner(_flat_inner(x, y), _flat_inner(x, x), _flat_inner(y, y))[1]
+
+
+# --- dense column spaces -------------------------------------------------------
+
+def dense_basis(x: jax.Array, rtol: Optional[float] = None, top_k: Optional[int] = None
+                ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Top-k left singular subspace of ``x [..., out, in]``.
+
+  Returns ``(q [..., out, k], dim, s)``: orthonormal columns (those beyond the
+  numerical rank zeroed), the subspace dimension ``min(k, rank)`` and all
+  singular values. ``top_k=None`` keeps every direction (the full column space;
+  uninformative for near-full-rank full-FT updates, paper A section 3.1).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  out, inn = x.shape[-2:]
+  rtol = linalg.default_rtol(out, inn) if rtol is None else rtol
+  u, s, _ = jnp.linalg.svd(x, full_matrices=False)
+  rank = jnp.where(s[..., 0] > 0, jnp.sum(s > rtol * s[..., :1], axis=-1), 0)
+  k = u.shape[-1] if top_k is None else int(top_k)
+  if not 1 <= k <= u.shape[-1]:
+    raise ValueError(f"top_k={top_k} must lie in [1, {u.shape[-1]}] for {out}x{inn} matrices.")
+  dim = jnp.minimum(rank, k)
+  q = u[..., :k] * (jnp.arange(k) < dim[..., None])[..., None, :]
+  return q, dim, s
+
+
+def numerical_rank(x: jax.Array, rtol: Optional[float] = None) -> jax.Array:
+  """Count of singular values above ``rtol * s_max`` (0 for a zero matrix)."""
+  return dense_basis(x, rtol)[1]
+
+
+def principal_angles(x: jax.Array, y: jax.Array, rtol: Optional[float] = None,
+                     top_k: Optional[int] = None) -> jax.Array:
+  """Principal angles (ascending) between ``Im(x)`` and ``Im(y)`` (top-k if given).
+
+  Returns ``[..., k]`` with NaN beyond ``min(dim x, dim y)``.
+  """
+  q1, d1, _ = dense_basis(x, rtol, top_k)
+  q2, d2, _ = dense_basis(y, rtol, top_k)
+  if q1.shape[-1] != q2.shape[-1]:
+    k = max(q1.shape[-1], q2.shape[-1])
+    q1 = jnp.pad(q1, [(0, 0)] * (q1.ndim - 1) + [(0, k - q1.shape[-1])])
+    q2 = jnp.pad(q2, [(0, 0)] * (q2.ndim - 1) + [(0, k - q2.shape[-1])])
+  theta, valid = linalg.principal_angles_from_bases(q1, None, d1, q2, None, d2)
+  return jnp.where(valid, theta, jnp.nan)
+
+
+def grassmann_distance(x: jax.Array, y: jax.Array, rtol: Optional[float] = None,
+                       top_k: Optional[int] = None) -> jax.Array:
+  """``sqrt(Σ θ²)`` between the column spaces (NaN if either matrix is zero)."""
+  theta = principal_angles(x, y, rtol, top_k)
+  valid = ~jnp.isnan(theta)
+  return linalg.grassmann_from_angles(jnp.where(valid, theta, 0.0), valid)
+
+
+# --- LoRA factored kernels -----------------------------------------------------
+
+def _check_lora(b, a):
+  b = jnp.asarray(b, jnp.float32)
+  a = jnp.asarray(a, jnp.float32)
+  if b.ndim < 2 or a.ndim < 2 or b.shape[-1] != a.shape[-2]:
+    raise ValueError(f"LoRA factors need B (..., out, r) and A (..., r, in) with the same r; "
+                     f"got B {b.shape}, A {a.shape}. Pass (b, a) in this order.")
+  return b, a
+
+
+def lora_inner(b1, a1, b2, a2) -> jax.Array:
+  """``<B1 A1, B2 A2>_F = Σ (B1ᵀB2) ⊙ (A1A2ᵀ)`` without forming the products."""
+  b1, a1 = _check_lora(b1, a1)
+  b2, a2 = _check_lora(b2, a2)
+  gb = einsum("...oi,...oj->...ij", b1, b2)
+  ga = einsum("...in,...jn->...ij", a1, a2)
+  return jnp.sum(gb * ga, axis=(-2, -1))
+
+
+def lora_l2_distance(b1, a1, b2, a2) -> jax.Array:
+  """``‖B1A1 − B2A2‖_F`` in ``O((out + in) r²)``."""
+  return distances_from_inner(lora_inner(b1, a1, b2, a2), lora_inner(b1, a1, b1, a1),
+                              lora_inner(b2, a2, b2, a2))[0]
+
+
+def lora_cosine_distance(b1, a1, b2, a2) -> jax.Array:
+  """Cosine distance of the flattened updates ``B1A1``, ``B2A2`` (NaN if one is 0)."""
+  return distances_from_inner(lora_inner(b1, a1, b2, a2), lora_inner(b1, a1, b1, a1),
+                              lora_inner(b2, a2, b2, a2))[1]
+
+
+def lora_spectral(b, a, rtol: Optional[float] = None):
+  """Factored spectral form of ``ΔW = B A`` (never formed).
+
+  ``B = qb rb``, ``Aᵀ = qa ra`` (``orthonormal_factor``), so
+  ``ΔW = qb (rb raᵀ) qaᵀ``. Returns a dict with those pieces and, for each of
+  ``product`` / ``b`` / ``a``, the coefficient matrix ``x`` (``qb x`` or
+  ``qa x`` is an orthonormal basis of ``Im(BA)``, ``Im(B)`` or the row space of
+  ``A``), the singular values and the numerical rank.
+  """
+  b, a = _check_lora(b, a)
+  out, r = b.shape[-2:]
+  inn = a.shape[-1]
+  if r > min(out, inn):
+    raise ValueError(f"LoRA rank r={r} exceeds min(out={out}, in={inn}); are B and A swapped?")
+  rtol_p = linalg.default_rtol(out, inn) if rtol is None else rtol
+  qb, rb = linalg.orthonormal_factor(b)
+  qa, ra = linalg.orthonormal_factor(jnp.swapaxes(a, -1, -2))
+  k = mm(rb, jnp.swapaxes(ra, -1, -2))
+  res = {"qb": qb, "rb": rb, "qa": qa, "ra": ra, "k": k}
+  for name, mat, tol in (("product", k, rtol_p),
+                         ("b", rb, linalg.default_rtol(out, r) if rtol is None else rtol),
+                         ("a", ra, linalg.default_rtol(inn, r) if rtol is None else rtol)):
+    x, s, rank = linalg.subspace_coefficients(mat, tol)
+    res[name] = {"x": x, "s": s, "rank": rank}
+  return res
+
+
+def lora_principal_angles(b1, a1, b2, a2, rtol: Optional[float] = None,
+                          factor: str = "product") -> jax.Array:
+  """Principal angles between column spaces of ``B1A1`` and ``B2A2`` (NaN-padded).
+
+  ``factor="b"`` compares ``Im(B1), Im(B2)``; ``"a"`` the row spaces of
+  ``A1, A2`` (subspaces of R^in).
+  """
+  if factor not in ("product", "a", "b"):
+    raise ValueError(f"factor must be 'product', 'a' or 'b', got {factor!r}.")
+  s1 = lora_spectral(b1, a1, rtol)
+  s2 = lora_spectral(b2, a2, rtol)
+  qkey = "qa" if factor == "a" else "qb"
+  theta, valid = linalg.principal_angles_from_bases(
+      s1[qkey], s1[factor]["x"], s1[factor]["rank"],
+      s2[qkey], s2[factor]["x"], s2[factor]["rank"])
+  return jnp.where(valid, theta, jnp.nan)
+
+
+def lora_grassmann_distance(b1, a1, b2, a2, rtol: Optional[float] = None,
+                            factor: str = "product") -> jax.Array:
+  """Grassmann distance of ``Im(B1A1), Im(B2A2)`` (or of the factors, see above)."""
+  theta = lora_principal_angles(b1, a1, b2, a2, rtol, factor)
+  valid = ~jnp.isnan(theta)
+  return linalg.grassmann_from_angles(jnp.where(valid, theta, 0.0), valid)
