@@ -83,3 +83,20 @@ def atomic_directory(path: str) -> Iterator[str]:
   os.replace(tmp, path)
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Write ``data`` to ``path`` via a temp file and ``os.replace`` (e.g. a PNG)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
