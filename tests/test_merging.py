@@ -1,13 +1,19 @@
 """Merges as pytree arithmetic: hand-computed trees, numpy references, peft parity."""
 import itertools
+import json
+import os
+import shutil
+import tempfile
+import warnings
 
 from absl.testing import absltest, parameterized
-import jax.numpy as jnp
+import jax
 import numpy as np
 import torch
 from peft.utils import merge_utils
 
-from tvgeo_jax import merging, trees
+from tvgeo_jax import lora, merging, peft_io, trees
+from tvgeo_jax.models import Encoder, make_apply, save_pretrained, tiny_config
 
 F = np.float32
 
@@ -398,6 +404,79 @@ class SignConflictTest(parameterized.TestCase):
     self.assertEqual(sampled, merging.sign_conflict_share(taus, k=0.4, max_subsets=3, seed=1))
     with self.assertRaisesRegex(ValueError, "at least 2"):
       merging.sign_conflict_share(taus[:1])
+
+
+def _plain_adapter(directory):
+  """A peft adapter without task type or modules_to_save (LoRA factors only), so two
+  of them can be combined by add_weighted_adapter; the head stays the base model's."""
+  from safetensors.numpy import load_file, save_file
+  cfg_path = os.path.join(directory, peft_io.CONFIG_FILE)
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  cfg.update(task_type=None, modules_to_save=None)
+  with open(cfg_path, "w") as f:
+    json.dump(cfg, f)
+  w_path = os.path.join(directory, peft_io.WEIGHTS_FILE)
+  save_file({k: v for k, v in load_file(w_path).items() if ".lora_" in k}, w_path)
+
+
+class PeftInteropTest(absltest.TestCase):
+  """Paper A's factor average equals peft's linear add_weighted_adapter at w = 0.25."""
+
+  def test_factor_average_equals_peft_linear_weighted_adapter(self):
+    import peft
+    import transformers
+    warnings.filterwarnings("ignore")
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+    config = tiny_config("roberta", num_labels=3, vocab_size=61, hidden_size=16,
+                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                         max_position_embeddings=24)
+    # One compiled init (init_params runs op by op, slow on a shared CPU).
+    ids0 = np.full((1, 8), 3, np.int32)
+    base = trees.to_numpy(jax.jit(Encoder(config, "classification").init)(
+        jax.random.PRNGKey(0), ids0)["params"])
+    base = trees.unflatten(dict(trees.flatten(base)))  # plain dicts
+    rng = np.random.RandomState(0)
+    models = []
+    for seed in (1, 2):
+      m = lora.inject_lora(base, targets=("query", "value"), rank=4, alpha=8.0, seed=seed)
+      models.append(trees.map_with_path(
+          lambda p, v: (0.3 * rng.randn(*np.shape(v))).astype(np.float32)
+          if p[-1] in ("lora_a", "lora_b") or p[0] == "classifier" else v, m))
+    ours = merging.lora_factor_average(models)  # head of task 1
+    ids = rng.randint(4, config.vocab_size, size=(3, 7)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "token_type_ids": np.zeros_like(ids)}
+    want = np.asarray(jax.jit(make_apply(config))(ours, batch)["logits"])
+
+    # The transformers model carries task 1's head; adapters carry only the factors.
+    save_pretrained(os.path.join(tmp, "base1"), config, lora.strip_lora(models[0]))
+    for i, m in enumerate(models):
+      peft_io.save_peft(os.path.join(tmp, f"a{i}"), m, config,
+                        base_model_name_or_path=os.path.join(tmp, "base1"))
+      _plain_adapter(os.path.join(tmp, f"a{i}"))
+    peft_io.save_peft(os.path.join(tmp, "ours"), ours, config,
+                      base_model_name_or_path=os.path.join(tmp, "base1"))
+    _plain_adapter(os.path.join(tmp, "ours"))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        os.path.join(tmp, "base1")).eval()
+    model = peft.PeftModel.from_pretrained(hf, os.path.join(tmp, "a0"), adapter_name="a0")
+    model.load_adapter(os.path.join(tmp, "a1"), adapter_name="a1")
+    model.load_adapter(os.path.join(tmp, "ours"), adapter_name="ours")
+    model.add_weighted_adapter(["a0", "a1"], [0.25, 0.25], "w25", combination_type="linear")
+    model.add_weighted_adapter(["a0", "a1"], [0.5, 0.5], "w50", combination_type="linear")
+    model.eval()
+
+    def logits(name):
+      model.set_adapter(name)
+      with torch.no_grad():
+        return model(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+                     ).logits.numpy()
+
+    np.testing.assert_allclose(logits("w25"), want, atol=2e-5)
+    np.testing.assert_allclose(logits("ours"), want, atol=2e-5)  # our merge saved for peft
+    self.assertGreater(np.max(np.abs(logits("w50") - want)), 1e-3)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ some member of S is positive there and another negative. For each n = 2..T the
 share of conflicting entries is averaged over subsets S of size n: all
 ``C(T, n)`` subsets when there are at most ``max_subsets`` of them, otherwise
 ``max_subsets`` distinct subsets drawn at random (``seed``). The share is taken
-over all entries (``denominator="all"``, as in the TIES paper's figure) or over
+over all entries (``denominator="all"``) or over
 the entries where at least two members of S are non-zero (``"overlap"``).
 """
 from __future__ import annotations

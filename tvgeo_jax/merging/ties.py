@@ -129,11 +129,19 @@ def keep_top_k(task_vector: Mapping, k: float, granularity: str = "global") -> d
   return trees.unflatten({p: jnp.where(top_k_mask(v, k), v, 0.0) for p, v in flat.items()})
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def elect_sign(trimmed: jax.Array, sign_rule: str) -> jax.Array:
   """Per-entry elected sign (−1, 0, +1) of a ``[T, ...]`` stack of trimmed values."""
   if sign_rule == "mass":
     return jnp.sign(jnp.sum(trimmed, axis=0))
   return jnp.sign(jnp.sum(jnp.sign(trimmed), axis=0))
+
+
+@jax.jit
+def _trim_stack(stack: jax.Array, thresholds: jax.Array) -> jax.Array:
+  """Zero ``stack[t]`` where ``|stack[t]| < thresholds[t]``."""
+  thr = thresholds.reshape((-1,) + (1,) * (stack.ndim - 1))
+  return jnp.where(jnp.abs(stack) >= thr, stack, 0.0)
 
 
 @jax.jit
@@ -175,10 +183,8 @@ def ties(base: Mapping, models: Sequence[Mapping], k: float = 0.2, lam: float = 
   def trimmed(p: Path) -> jax.Array:
     stack = tv.stack(p)
     if granularity == "global":
-      keep = jnp.abs(stack) >= thr.reshape((-1,) + (1,) * (stack.ndim - 1))
-    else:
-      keep = jnp.stack([top_k_mask(s, k) for s in stack])
-    return jnp.where(keep, stack, 0.0)
+      return _trim_stack(stack, thr)
+    return jnp.where(jnp.stack([top_k_mask(s, k) for s in stack]), stack, 0.0)
 
   # Pass 1: elected signs, and their sum over the whole task vector for the zeros.
   elected: Dict[Path, jax.Array] = {}
