@@ -168,6 +168,7 @@ def _block_gram(q: jax.Array, block: int) -> jax.Array:
 
 
 def _flat_from_inner(inner: jax.Array, metrics) -> Dict[str, jax.Array]:
+  inner = 0.5 * (inner + inner.T)        # exactly symmetric distances
   sq = jnp.diagonal(inner)
   l2, cos = pairwise.distances_from_inner(inner, sq[:, None], sq[None, :])
   eye = jnp.eye(inner.shape[0], dtype=bool)

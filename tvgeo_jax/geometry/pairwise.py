@@ -131,6 +131,10 @@ def _check_lora(b, a):
   if b.ndim < 2 or a.ndim < 2 or b.shape[-1] != a.shape[-2]:
     raise ValueError(f"LoRA factors need B (..., out, r) and A (..., r, in) with the same r; "
                      f"got B {b.shape}, A {a.shape}. Pass (b, a) in this order.")
+  r = b.shape[-1]
+  if r > min(b.shape[-2], a.shape[-1]):
+    raise ValueError(f"LoRA rank r={r} exceeds min(out={b.shape[-2]}, in={a.shape[-1]}): are B "
+                     "and A swapped? Pass B (out, r) then A (r, in).")
   return b, a
 
 
@@ -167,8 +171,6 @@ def lora_spectral(b, a, rtol: Optional[float] = None):
   b, a = _check_lora(b, a)
   out, r = b.shape[-2:]
   inn = a.shape[-1]
-  if r > min(out, inn):
-    raise ValueError(f"LoRA rank r={r} exceeds min(out={out}, in={inn}); are B and A swapped?")
   rtol_p = linalg.default_rtol(out, inn) if rtol is None else rtol
   qb, rb = linalg.orthonormal_factor(b)
   qa, ra = linalg.orthonormal_factor(jnp.swapaxes(a, -1, -2))
