@@ -125,7 +125,7 @@ class SyntheticTest(parameterized.TestCase):
                for a, b in te_x]
     self.assertGreater(stats.spearmanr(overlap, te_y)[0], 0.5)
 
-  @parameterized.parameters(("synth_sst2", 0.7), ("synth_yelp", 0.85), ("synth_imdb", 0.8),
+  @parameterized.parameters(("synth_sst2", 0.6), ("synth_yelp", 0.85), ("synth_imdb", 0.8),
                             ("synth_authorship", 0.85))
   def test_label_is_in_word_order(self, name, floor):
     # Bag-of-words cannot read the label, word bigrams can: the label lives in content.
@@ -140,6 +140,7 @@ class SyntheticTest(parameterized.TestCase):
     k = data.get_task(name).num_labels
     self.assertLess(scores[0], 1.0 / k + 0.3)
     self.assertGreater(scores[1], floor)
+    self.assertGreater(scores[1], scores[0] + 0.1)
 
   def test_sizes_follow_paper_order_and_scale(self):
     train = {t: synthetic.sizes(t)[0] for t in data.SYNTH_PAPER_TASKS}

@@ -82,6 +82,12 @@ def _split_files(directory: str, split: str) -> Tuple[str, List[str]]:
       found[ext].append(path)
   for fmt in ("parquet", "arrow"):
     if found[fmt]:
+      homes = {os.path.dirname(f) for f in found[fmt]}
+      homes = {os.path.dirname(h) if os.path.basename(h) == split else h for h in homes}
+      if len(homes) > 1:
+        raise DataNotFoundError(
+            f"Several folders under {directory!r} hold a {split!r} split ({sorted(homes)}); "
+            "point --data_dir at the task's own folder.")
       return fmt, found[fmt]
   return "", []
 
