@@ -144,9 +144,16 @@ IMDB_NOUNS = _p("the film|the director|the script|the soundtrack|the ending|the 
                 "the score")
 
 
+NEGATION_RATE = 1 / 3
+
+
 def _opinion(r: random.Random, noun: str, effective: int, tense: str = "is") -> str:
-  """A clause whose overall polarity is ``effective`` (1 positive): adjective XOR negation."""
-  neg = r.random() < 0.5
+  """A clause whose overall polarity is ``effective`` (1 positive): adjective XOR negation.
+
+  A third of the clauses are negated: polarity words lean towards their label (which
+  gives a small model a first foothold) without deciding it; "not" is label-free.
+  """
+  neg = r.random() < NEGATION_RATE
   adj = pick(r, POS_ADJ if effective ^ neg else NEG_ADJ)
   intens = pick(r, INTENS) + " " if r.random() < 0.35 else ""
   form = r.randrange(4)
