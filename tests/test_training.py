@@ -183,7 +183,7 @@ class TraceCountTest(absltest.TestCase):
     evaluate = step_lib.make_eval_step(model_config=cfg, mesh=mesh, is_regression=False)
     shapes = [8, 16, 8, 16, 8]
     for t in shapes:
-      batch = next(fx.batches(fx.marker_examples(4, seq_len=t), 4))
+      batch = next(fx.batches(fx.topic_examples(4, seq_len=t), 4))
       state, metrics = train(state, frozen, sharding.shard_batch(batch, mesh))
       evaluate(partition.combine(state["trainable"], frozen), sharding.shard_batch(batch, mesh))
     self.assertEqual(train.traces, 2)

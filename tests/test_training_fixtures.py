@@ -1,8 +1,10 @@
 """In-memory tasks for the training tests: random token arrays in the batch format.
 
-``marker_task`` is trivially learnable: each sequence carries one marker token whose
-identity is the label. Batches follow BUILD_NOTES' format (padding rows weight 0)
-with a deterministic per-(seed, epoch) shuffle, as the data pipeline's do.
+``topic_task`` is easy: every class has its own block of two token ids and half of each
+sequence's tokens are drawn from its class's block (the rest from a shared range), so
+even a frozen random encoder's near-uniform attention carries the label (a bag of
+words). Batches follow BUILD_NOTES' format (padding rows weight 0) with a
+deterministic per-(seed, epoch) shuffle, as the data pipeline's do.
 """
 from __future__ import annotations
 
@@ -14,20 +16,23 @@ import numpy as np
 from tvgeo_jax.training.loop import TrainingData
 
 PAD, CLS, SEP = 1, 0, 2
-MARKERS = (7, 8, 9, 10)
+SHARED = (20, 1024)
+CLASS_BLOCK = 2
 
 
-def marker_examples(n: int, num_labels: int = 2, seq_len: int = 16, seed: int = 0,
-                    lengths: Sequence[int] = ()) -> Dict[str, np.ndarray]:
-  """n examples; the label is which marker token appears; random filler tokens."""
+def topic_examples(n: int, num_labels: int = 2, seq_len: int = 16, seed: int = 0,
+                   lengths: Sequence[int] = ()) -> Dict[str, np.ndarray]:
+  """n examples; half the tokens come from the label's own vocabulary block."""
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_labels, n).astype(np.int32)
-  ids = rng.integers(20, 2048, (n, seq_len)).astype(np.int32)
+  ids = rng.integers(*SHARED, (n, seq_len)).astype(np.int32)
+  topical = rng.random((n, seq_len)) < 0.5
+  own = SHARED[1] + labels[:, None] * CLASS_BLOCK + rng.integers(0, CLASS_BLOCK, (n, seq_len))
+  ids = np.where(topical, own, ids).astype(np.int32)
   mask = np.ones((n, seq_len), np.int32)
   for i in range(n):
     length = int(lengths[i % len(lengths)]) if lengths else seq_len
     ids[i, 0], ids[i, length - 1] = CLS, SEP
-    ids[i, rng.integers(1, length - 1)] = MARKERS[labels[i]]
     ids[i, length:], mask[i, length:] = PAD, 0
   return {"input_ids": ids, "attention_mask": mask,
           "token_type_ids": np.zeros_like(ids), "labels": labels}
@@ -48,9 +53,9 @@ def batches(examples: Dict[str, np.ndarray], batch_size: int, order=None):
     yield b
 
 
-def marker_task(n_train: int = 256, n_eval: int = 64, num_labels: int = 2, batch_size: int = 16,
+def topic_task(n_train: int = 256, n_eval: int = 64, num_labels: int = 2, batch_size: int = 16,
                 seq_len: int = 16, seed: int = 0) -> TrainingData:
-  splits = {name: marker_examples(n, num_labels, seq_len, seed + k)
+  splits = {name: topic_examples(n, num_labels, seq_len, seed + k)
             for k, (name, n) in enumerate((("train", n_train), ("validation", n_eval),
                                            ("test", n_eval)))}
 
@@ -69,7 +74,7 @@ def marker_task(n_train: int = 256, n_eval: int = 64, num_labels: int = 2, batch
 class FixtureTest(absltest.TestCase):
 
   def test_batches_cover_every_example_once(self):
-    ex = marker_examples(37, seq_len=8)
+    ex = topic_examples(37, seq_len=8)
     got = list(batches(ex, 16))
     self.assertLen(got, 3)
     self.assertEqual(sum(float(b["weights"].sum()) for b in got), 37.0)

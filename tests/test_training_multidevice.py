@@ -27,7 +27,7 @@ _SCRIPT = textwrap.dedent("""
     compile_cache.enable(sys.argv[2])
     assert jax.device_count() == 8, jax.devices()
     cfg, params = load_pretrained("tiny", num_labels=2)
-    ex = fx.marker_examples(64, seq_len=16)
+    ex = fx.topic_examples(64, seq_len=16)
     out = {}
     for n in (1, 8):
       mesh = sharding.data_mesh(jax.devices()[:n])

@@ -26,11 +26,11 @@ def _config(**kw):
   base = dict(epochs=2, batch_size=16, checkpoint_every=4, log_every=1, progress=False,
               patience=5, max_seq_len=16)
   base.update(kw)
-  return presets.resolve("marker", "full", "tiny", overrides=base)
+  return presets.resolve("topic", "full", "tiny", overrides=base)
 
 
 def _data():
-  return fx.marker_task(n_train=96, n_eval=32, batch_size=16, seq_len=16)
+  return fx.topic_task(n_train=96, n_eval=32, batch_size=16, seq_len=16)
 
 
 class ResumeTest(absltest.TestCase):
@@ -98,7 +98,7 @@ class ResumeTest(absltest.TestCase):
     for name in (runs.PARAMS, runs.HF, runs.RESULTS, runs.RUN_CONFIG, runs.METRICS_LOG):
       self.assertTrue(os.path.exists(os.path.join(self.ref_dir, name)), name)
     run = runs.load_run(self.ref_dir)
-    self.assertEqual((run.task, run.method, run.base_model), ("marker", "full", "tiny"))
+    self.assertEqual((run.task, run.method, run.base_model), ("topic", "full", "tiny"))
     base = run.base_params()
     # Base params are the start point: same tree structure, different values after training.
     self.assertEqual(set(trees.flatten(base)), set(trees.flatten(run.params)))

@@ -89,7 +89,8 @@ def split_metrics(pred: Mapping[str, np.ndarray], data: TrainingData,
   logits = pred["logits"]
   values = logits[:, 0] if data.is_regression else logits
   res = metrics_lib.compute_metrics(list(data.metrics), values, pred["labels"],
-                                    label_names=list(data.label_names) or None)
+                                    label_names=list(data.label_names) or None,
+                                    main=data.main_metric)
   res = dict(res)
   res["loss"] = mean_loss(pred, class_weights)
   res["num_examples"] = int(pred["labels"].shape[0])
@@ -98,18 +99,21 @@ def split_metrics(pred: Mapping[str, np.ndarray], data: TrainingData,
 
 # --- run-directory helpers -------------------------------------------------------
 
+def _raise_on_config_change(run_dir: str, saved: Mapping[str, Any], config: TrainConfig,
+                            what: str) -> None:
+  diff = config_differences(saved, config)
+  if diff:
+    fields = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+    raise ValueError(
+        f"{run_dir!r} holds {what} with a different configuration ({fields}). Rerun with "
+        "the saved values, pass --overwrite to start afresh, or choose another --out.")
+
+
 def _check_or_write_config(run_dir: str, config: TrainConfig) -> bool:
   """True when resuming. Raises if the saved config differs in a result-relevant field."""
   path = os.path.join(run_dir, runs.RUN_CONFIG)
   if os.path.exists(path):
-    diff = config_differences(io_utils.read_json(path), config)
-    if diff:
-      fields = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in
-                         ((k, *v) for k, v in diff.items()))
-      raise ValueError(
-          f"{run_dir!r} holds an unfinished run with a different configuration ({fields}). "
-          "Rerun with the saved values to resume, pass --overwrite to start afresh, "
-          "or choose another --out.")
+    _raise_on_config_change(run_dir, io_utils.read_json(path), config, "an unfinished run")
     return True
   if jax.process_index() == 0:
     io_utils.atomic_write_json(path, config.to_dict())
@@ -159,8 +163,10 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
   if overwrite and os.path.exists(run_dir) and jax.process_index() == 0:
     shutil.rmtree(run_dir)
   if runs.is_finished(run_dir):
+    results = io_utils.read_json(os.path.join(run_dir, runs.RESULTS))
+    _raise_on_config_change(run_dir, results["config"], config, "a finished run")
     logging.info("%s is a finished run; skipping (pass --overwrite to redo it).", run_dir)
-    return io_utils.read_json(os.path.join(run_dir, runs.RESULTS))
+    return results
   data = data if data is not None else _load_data(config)  # bad task names fail here
   os.makedirs(run_dir, exist_ok=True)
   resuming = _check_or_write_config(run_dir, config)
@@ -248,6 +254,18 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
                    desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, dynamic_ncols=True)
       pending = None  # (step number, metrics) of the previous step: fetched one step late
       t0, tokens = time.time(), 0
+
+      def emit(step_no_, metrics_):
+        """Check the loss of a finished step; log it every ``log_every`` steps."""
+        loss = check_finite(metrics_, step_no_)
+        if step_no_ % config.log_every == 0:
+          rate = tokens / max(time.time() - t0, 1e-9)
+          log.write({"kind": "step", "step": step_no_, "epoch": epoch, "loss": loss,
+                     "grad_norm": float(metrics_["grad_norm"]),
+                     "learning_rate": float(schedule(step_no_ - 1)), "tokens_per_s": rate})
+          if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+
       for i, batch in enumerate(data.train_batches(epoch)):
         if i < position:
           continue
@@ -255,25 +273,19 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
         step_no = i + 1 + epoch * data.num_train_batches
         tokens += int(np.sum(batch["attention_mask"])) * jax.process_count()
         if pending is not None:
-          loss = check_finite(pending[1], pending[0])
-          if pending[0] % config.log_every == 0:
-            rate = tokens / max(time.time() - t0, 1e-9)
-            log.write({"kind": "step", "step": pending[0], "epoch": epoch, "loss": loss,
-                       "grad_norm": float(pending[1]["grad_norm"]),
-                       "learning_rate": float(schedule(pending[0] - 1)), "tokens_per_s": rate})
-            if bar is not None:
-              bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+          emit(*pending)
         pending = (step_no, metrics)
         if bar is not None:
           bar.update(1)
         if step_no % config.checkpoint_every == 0 and i + 1 < data.num_train_batches:
-          check_finite(metrics, step_no)
+          emit(step_no, metrics)  # never checkpoint a state whose loss was not finite
+          pending = None
           ckpts.save_latest(step_no, state, meta_now(epoch, i + 1))
         if config.stop_after_steps and step_no >= config.stop_after_steps:
           raise StopRequested(f"stop_after_steps={config.stop_after_steps} reached at step "
                               f"{step_no}; rerun the same command to resume.")
       if pending is not None:
-        check_finite(pending[1], pending[0])
+        emit(*pending)
       if bar is not None:
         bar.close()
       step_no = (epoch + 1) * data.num_train_batches
