@@ -78,7 +78,10 @@ def save_tree(directory: str, tree: Mapping) -> None:
   from tvgeo_jax import io_utils
   with io_utils.atomic_directory(directory) as tmp:
     os.rmdir(tmp)  # orbax creates the directory itself (via its own temp + rename).
-    with ocp.StandardCheckpointer() as ckptr:
+    # Host numpy arrays written by this process alone (multi-host: only process 0 calls).
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
       ckptr.save(tmp, tree)
       ckptr.wait_until_finished()
 

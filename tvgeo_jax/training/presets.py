@@ -7,7 +7,7 @@
   warm-up, decay 0.01, clip 1.0). Bottleneck adapters use Houlsby's lr 1e-4.
 * ``tiny``: the offline CPU default for the ``tiny``/``embedded`` bases and the
   synthetic suite: a 2-layer, 64-wide model takes larger steps (full 3e-3, adapters
-  3e-3), batch 32, up to 10 epochs, patience 3, sequences up to 64 tokens.
+  3e-3), batch 32, up to 15 epochs, patience 5, sequences up to 64 tokens.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tvgeo_jax.training.config import TrainConfig
 _COMMON_PAPER = dict(batch_size=20, epochs=20, patience=5, weight_decay=0.01,
                      warmup_ratio=0.06, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
                      lora_targets=("query", "value"), max_seq_len=128)
-_COMMON_TINY = dict(batch_size=32, epochs=10, patience=3, weight_decay=0.01,
+_COMMON_TINY = dict(batch_size=32, epochs=15, patience=5, weight_decay=0.01,
                     warmup_ratio=0.1, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
                     lora_targets=("query", "value"), max_seq_len=64)
 
