@@ -15,18 +15,34 @@ import numpy as np
 
 def mask_tokens(rng: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
                 mask_token_id: int, vocab_size: int, special_ids: Tuple[int, ...],
-                mask_prob: float = 0.15) -> Tuple[jax.Array, jax.Array]:
-  """(masked input ids, target weights): targets are the original ``input_ids``."""
+                mask_prob: float = 0.15) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Select ``P = ceil(mask_prob·T)`` positions per row (uniformly among real, non-special
+  tokens) and corrupt them BERT-style.
+
+  A fixed count per row keeps shapes static, so the MLM head runs on ``[B, P]`` positions
+  instead of all ``[B, T]`` (the vocabulary projection dominates a tiny model's cost).
+
+  Returns (masked ids [B, T], positions [B, P], targets [B, P], weights [B, P]); a weight
+  is 0 where a row had fewer than P candidate tokens.
+  """
   k_sel, k_kind, k_tok = jax.random.split(rng, 3)
+  b, t = input_ids.shape
+  p = max(1, int(np.ceil(mask_prob * t)))
   candidate = attention_mask.astype(bool)
   for s in special_ids:
     candidate &= input_ids != s
-  selected = candidate & (jax.random.uniform(k_sel, input_ids.shape) < mask_prob)
-  kind = jax.random.uniform(k_kind, input_ids.shape)
-  random_tokens = jax.random.randint(k_tok, input_ids.shape, 0, vocab_size)
-  masked = jnp.where(selected & (kind < 0.8), mask_token_id, input_ids)
-  masked = jnp.where(selected & (kind >= 0.8) & (kind < 0.9), random_tokens, masked)
-  return masked, selected.astype(jnp.float32)
+  scores = jnp.where(candidate, jax.random.uniform(k_sel, (b, t)), -1.0)
+  top, positions = jax.lax.top_k(scores, p)
+  weights = (top >= 0).astype(jnp.float32)
+  targets = jnp.take_along_axis(input_ids, positions, axis=1)
+  kind = jax.random.uniform(k_kind, (b, p))
+  replacement = jnp.where(kind < 0.8, mask_token_id,
+                          jnp.where(kind < 0.9, jax.random.randint(k_tok, (b, p), 0, vocab_size),
+                                    targets))
+  replacement = jnp.where(weights > 0, replacement, targets)
+  rows = jnp.arange(b)[:, None]
+  masked = jnp.asarray(input_ids).at[rows, positions].set(replacement.astype(input_ids.dtype))
+  return masked, positions, targets, weights
 
 
 def mlm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:

@@ -215,7 +215,9 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-               deterministic: bool = True, output_hidden_states: bool = False):
+               deterministic: bool = True, output_hidden_states: bool = False,
+               mlm_positions=None):
+    """``mlm_positions`` ([B, P] ints): compute MLM logits at these positions only."""
     c = self.config
     if self.head not in HEADS:
       raise ValueError(f"Unknown head {self.head!r}; choose one of {HEADS}.")
@@ -237,5 +239,7 @@ class Encoder(nn.Module):
       out["logits"] = ClassificationHead(c, self.dtype, name="classifier")(first, deterministic)
     elif self.head == "mlm":
       table = emb.variables["params"]["word_embeddings"]["embedding"]
+      if mlm_positions is not None:
+        h = jnp.take_along_axis(h, mlm_positions[..., None], axis=1)
       out["logits"] = MLMHead(c, self.dtype, name="mlm_head")(h, table)
     return out

@@ -1,0 +1,87 @@
+"""MLM masking, loss, unigram baseline, and a short embedded-base pretraining run."""
+import os
+import tempfile
+
+from absl.testing import absltest
+import jax
+import numpy as np
+import transformers
+import torch
+
+from tvgeo_jax import embedded, mlm, models
+
+
+class MaskingTest(absltest.TestCase):
+
+  def test_masks_only_real_non_special_tokens_fixed_count(self):
+    rng = np.random.RandomState(0)
+    ids = rng.randint(5, 100, size=(64, 40)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 0, 2
+    att = np.ones_like(ids)
+    att[:3, 30:] = 0
+    ids[:3, 30:] = 1
+    masked, pos, targets, w = mlm.mask_tokens(
+        jax.random.PRNGKey(0), ids, att, mask_token_id=4, vocab_size=100,
+        special_ids=(0, 1, 2, 3, 4), mask_prob=0.15)
+    masked, pos, targets, w = map(np.asarray, (masked, pos, targets, w))
+    self.assertEqual(pos.shape, (64, 6))  # ceil(0.15 * 40)
+    np.testing.assert_array_equal(targets, np.take_along_axis(ids, pos, 1))
+    self.assertTrue(np.all(w == 1))
+    self.assertTrue(np.all((pos > 0) & (pos < 39)))
+    self.assertTrue(np.all(pos[:3] < 30))
+    for row in range(64):  # positions are distinct within a row
+      self.assertLen(set(pos[row]), 6)
+    changed = masked != ids
+    self.assertTrue(np.all(np.take_along_axis(changed, pos, 1) | (targets == np.take_along_axis(masked, pos, 1))))
+    outside = np.ones_like(changed)
+    np.put_along_axis(outside, pos, False, 1)
+    self.assertFalse(np.any(changed & outside))
+    share_mask = np.mean(np.take_along_axis(masked, pos, 1) == 4)
+    self.assertAlmostEqual(share_mask, 0.8, delta=0.05)
+
+  def test_loss_equals_torch_cross_entropy(self):
+    rng = np.random.RandomState(1)
+    logits = rng.randn(3, 5, 11).astype(np.float32)
+    targets = rng.randint(0, 11, size=(3, 5))
+    w = (rng.rand(3, 5) > 0.3).astype(np.float32)
+    ours = float(mlm.mlm_loss(logits, targets, w))
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(logits[w > 0]), torch.tensor(targets[w > 0]))
+    self.assertAlmostEqual(ours, float(ref), places=5)
+
+  def test_unigram_baseline_is_entropy(self):
+    rows = [np.array([0, 5, 5, 6, 2]), np.array([0, 7, 2])]
+    p = np.array([2, 1, 1]) / 4
+    self.assertAlmostEqual(mlm.unigram_baseline(rows, (0, 1, 2)), float(-(p * np.log(p)).sum()))
+
+  def test_pack_corpus(self):
+    blocks = embedded.pack_corpus([[0, 5, 2], [0, 6, 7, 2], [0, 9, 2]], 4)
+    np.testing.assert_array_equal(blocks, [[0, 5, 2, 0], [6, 7, 2, 0]])
+
+
+class EmbeddedBaseTest(absltest.TestCase):
+
+  def test_short_pretraining_learns_and_saves_a_transformers_checkpoint(self):
+    cfg = embedded.PretrainConfig(steps=60, batch_size=16, seq_len=32, long_seq_len=64,
+                                  corpus_scale=0.1, eval_blocks=32)
+    config = embedded.embedded_config().replace(num_hidden_layers=1)
+    config, params, report = embedded.pretrain(cfg, config=config, progress=False)
+    self.assertLess(report["mlm_loss_final"], report["mlm_loss_initial"] - 1.0)
+    with tempfile.TemporaryDirectory() as d:
+      embedded.save(d, config, params, report)
+      self.assertTrue(embedded.is_built(d))
+      hf = transformers.AutoModelForMaskedLM.from_pretrained(d).eval()
+      tok = transformers.AutoTokenizer.from_pretrained(d)
+      enc = tok(["the old bridge feels too crowded."], return_tensors="np")
+      with torch.no_grad():
+        ref = hf(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+      cfg2, p2 = models.load_pretrained(d, head="mlm")
+      ours = models.apply(p2, dict(enc), config=cfg2, head="mlm")["logits"]
+      np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-4)
+      # Used as a base for classification, the MLM head is dropped and a head initialised.
+      _, cls = models.load_pretrained(d, num_labels=3)
+      self.assertEqual(cls["classifier"]["out_proj"]["kernel"].shape, (64, 3))
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,206 @@
+"""The embedded base model: a tiny RoBERTa pretrained (MLM) on the synthetic corpus.
+
+It is the offline study's "pretrained model" W0: ``--model=embedded`` anywhere a model
+name is accepted. It is built on first use (``ensure_embedded_base``) and cached under
+``tvgeo_jax.paths.cache_dir()`` in the Hugging Face layout (config.json,
+model.safetensors with the MLM head, the synthetic tokenizer's files), so every later
+step treats it exactly like ``roberta-base``.
+
+The pretraining corpus is the synthetic grammar sampled with a different seed than the
+fine-tuning tasks (seed ``CORPUS_SEED``), i.e. the same language, other sentences.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tvgeo_jax import io_utils, mlm, paths
+from tvgeo_jax.models import EncoderConfig, apply, init_params, save_pretrained
+
+CORPUS_SEED = 1000
+VERSION = "v1"
+SPECIAL_IDS = (0, 1, 2, 3, 4)  # <s> <pad> </s> <unk> <mask>
+MASK_ID = 4
+
+
+def embedded_config() -> EncoderConfig:
+  """4 layers, hidden 64, 4 heads: small enough to fine-tune 20 runs on 2 CPU cores."""
+  return EncoderConfig(model_type="roberta", vocab_size=2048, hidden_size=64,
+                       num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                       max_position_embeddings=130, type_vocab_size=1, layer_norm_eps=1e-5,
+                       pad_token_id=1, hidden_dropout_prob=0.1,
+                       attention_probs_dropout_prob=0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """MLM recipe. Short blocks train fast; every ``long_every``-th step uses blocks of
+  ``long_seq_len`` (same token count) so every position embedding fine-tuning uses is
+  trained. Dropout is off while pretraining (the saved config keeps the model's 0.1)."""
+  steps: int = 800
+  batch_size: int = 64
+  seq_len: int = 32
+  long_seq_len: int = 128
+  long_every: int = 4
+  learning_rate: float = 2e-3
+  warmup_ratio: float = 0.1
+  weight_decay: float = 0.01
+  mask_prob: float = 0.15
+  corpus_scale: float = 1.0
+  eval_blocks: int = 256
+  seed: int = 0
+
+
+def default_dir() -> str:
+  return os.path.join(paths.cache_dir(), f"embedded-base-{VERSION}")
+
+
+def pack_corpus(token_rows, seq_len: int) -> np.ndarray:
+  """Concatenate tokenised texts (each ``<s> … </s>``) and cut ``[N, seq_len]`` blocks."""
+  flat = np.concatenate([np.asarray(r, np.int32) for r in token_rows])
+  n = len(flat) // seq_len
+  return flat[: n * seq_len].reshape(n, seq_len)
+
+
+def _corpus_rows(cfg: PretrainConfig):
+  """Tokenised corpus texts in a seeded order; the first 5% are held out."""
+  from tvgeo_jax.data import load_tokenizer, synthetic
+  tok = load_tokenizer("tiny")
+  texts = synthetic.corpus(seed=CORPUS_SEED, scale=cfg.corpus_scale)
+  order = np.random.RandomState(cfg.seed).permutation(len(texts))
+  rows = tok([texts[i] for i in order], add_special_tokens=True)["input_ids"]
+  n_eval = max(1, len(rows) // 20)
+  return rows[n_eval:], rows[:n_eval]
+
+
+class _BlockSampler:
+  """Epochs over packed blocks of one length, reshuffled by a seeded generator."""
+
+  def __init__(self, blocks: np.ndarray, batch_size: int, rng: np.random.RandomState):
+    self.blocks, self.batch_size, self.rng = blocks, batch_size, rng
+    self.perm, self.pos = rng.permutation(len(blocks)), 0
+
+  def next(self) -> np.ndarray:
+    if self.pos + self.batch_size > len(self.perm):
+      self.perm, self.pos = self.rng.permutation(len(self.blocks)), 0
+    out = self.blocks[self.perm[self.pos:self.pos + self.batch_size]]
+    self.pos += self.batch_size
+    return out
+
+
+def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
+             progress: bool = True) -> tuple:
+  """Pretrain with MLM; returns (config, params, report dict)."""
+  from tvgeo_jax.training.optim import make_optimizer
+  config = config or embedded_config()
+  if cfg.long_seq_len + 2 > config.max_position_embeddings:
+    raise ValueError(f"long_seq_len={cfg.long_seq_len} needs {cfg.long_seq_len + 2} positions; "
+                     f"the model has {config.max_position_embeddings}.")
+  train_config = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  train_rows, held_rows = _corpus_rows(cfg)
+  order_rng = np.random.RandomState(cfg.seed)
+  short = _BlockSampler(pack_corpus(train_rows, cfg.seq_len), cfg.batch_size, order_rng)
+  long_batch = max(1, cfg.batch_size * cfg.seq_len // cfg.long_seq_len)
+  long = _BlockSampler(pack_corpus(train_rows, cfg.long_seq_len), long_batch, order_rng)
+  held_out = pack_corpus(held_rows, cfg.seq_len)[:cfg.eval_blocks]
+  params = init_params(config, head="mlm", seed=cfg.seed)
+  opt = make_optimizer(params, learning_rate=cfg.learning_rate, total_steps=cfg.steps,
+                       warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+                       max_grad_norm=1.0)
+  opt_state = opt.init(params)
+  mask_kw = dict(mask_token_id=MASK_ID, vocab_size=config.vocab_size,
+                 special_ids=SPECIAL_IDS, mask_prob=cfg.mask_prob)
+
+  def loss_fn(p, ids, rng):
+    att = jnp.ones_like(ids)
+    masked, positions, targets, weights = mlm.mask_tokens(rng, ids, att, **mask_kw)
+    out = apply(p, {"input_ids": masked, "attention_mask": att}, config=train_config,
+                head="mlm", mlm_positions=positions)
+    return mlm.mlm_loss(out["logits"], targets, weights)
+
+  @jax.jit
+  def train_step(p, s, ids, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(p, ids, rng)
+    updates, s = opt.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  eval_loss = jax.jit(loss_fn)
+
+  def held_out_loss(p):
+    rng = jax.random.PRNGKey(12345)  # the same masks every evaluation
+    losses = [eval_loss(p, held_out[i:i + cfg.batch_size], jax.random.fold_in(rng, i))
+              for i in range(0, len(held_out) - cfg.batch_size + 1, cfg.batch_size)]
+    return float(np.mean([float(x) for x in losses]))
+
+  baseline = mlm.unigram_baseline(train_rows, SPECIAL_IDS)
+  initial = held_out_loss(params)
+  key = jax.random.PRNGKey(cfg.seed)
+  t0 = time.time()
+  bar = _progress(cfg.steps, progress)
+  losses = []
+  for step in range(cfg.steps):
+    use_long = cfg.long_every > 0 and step % cfg.long_every == cfg.long_every - 1
+    ids = (long if use_long else short).next()
+    params, opt_state, loss = train_step(params, opt_state, ids, jax.random.fold_in(key, step))
+    if step % 50 == 0 or step == cfg.steps - 1:
+      losses.append((step, float(loss)))
+      bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.update(1)
+  bar.close()
+  final = held_out_loss(params)
+  report = {
+      "steps": cfg.steps, "train_texts": len(train_rows), "held_out_blocks": int(len(held_out)),
+      "tokens_seen": int(cfg.steps * cfg.batch_size * cfg.seq_len),
+      "wall_time_s": round(time.time() - t0, 1),
+      "mlm_loss_initial": initial, "mlm_loss_final": final,
+      "unigram_baseline_loss": baseline, "train_loss_log": losses,
+      "pretrain_config": dataclasses.asdict(cfg), "corpus_seed": CORPUS_SEED,
+  }
+  return config, jax.tree.map(np.asarray, params), report
+
+
+def _progress(total: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc="pretrain MLM", disable=not enabled, leave=False)
+
+
+def save(directory: str, config: EncoderConfig, params: dict, report: Dict) -> None:
+  """HF layout (config + weights with the MLM head), tokenizer files, pretrain.json."""
+  from tvgeo_jax.data.tokenizer import synthetic_tokenizer_dir
+  with io_utils.atomic_directory(directory) as tmp:
+    model_dir = os.path.join(tmp, "model")
+    save_pretrained(model_dir, config, params, head="mlm")
+    for name in os.listdir(model_dir):
+      shutil.move(os.path.join(model_dir, name), os.path.join(tmp, name))
+    os.rmdir(model_dir)
+    tok_dir = synthetic_tokenizer_dir()
+    for name in os.listdir(tok_dir):
+      shutil.copy(os.path.join(tok_dir, name), os.path.join(tmp, name))
+    io_utils.atomic_write_json(os.path.join(tmp, "pretrain.json"), report)
+
+
+def is_built(directory: str) -> bool:
+  return all(os.path.exists(os.path.join(directory, f))
+             for f in ("config.json", "model.safetensors", "pretrain.json"))
+
+
+def ensure_embedded_base(directory: Optional[str] = None,
+                         cfg: Optional[PretrainConfig] = None) -> str:
+  """The embedded base's directory, pretraining it first if it is not cached."""
+  directory = directory or default_dir()
+  if not is_built(directory):
+    logging.info("Embedded base not found in %s: pretraining it (once).", directory)
+    config, params, report = pretrain(cfg or PretrainConfig())
+    save(directory, config, params, report)
+    logging.info("Embedded base: MLM loss %.3f (unigram baseline %.3f) -> %s",
+                 report["mlm_loss_final"], report["unigram_baseline_loss"], directory)
+  return directory
