@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -85,11 +86,9 @@ class DistanceGrid:
       raise ValueError(f"k={k} outside 1..{self.num_layers} (layers are 1-indexed here).")
     d = self.get(factor, metric)[..., k - 1:]
     if skip_nan:
-      with np.errstate(invalid="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-          warnings.simplefilter("ignore", RuntimeWarning)
-          return np.nanmean(d, axis=-1)
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # all-NaN entries stay NaN
+        return np.nanmean(d, axis=-1)
     return d.mean(axis=-1)
 
   def kplus_means(self, factor: str, metric: str, skip_nan: bool = True) -> np.ndarray:
@@ -147,22 +146,24 @@ def _check_names(names: Sequence[str], metrics, factors, kind, top_k):
 def _block_gram(q: jax.Array, block: int) -> jax.Array:
   """``G[t, s] = q_tᵀ q_s``: ``q [T, n, k] -> [T, T, k, k]``.
 
-  One GEMM when ``T <= block``; otherwise the upper block triangle only (the
-  lower blocks are transposes), which saves ~40% of the dominant cost.
+  One GEMM when ``T <= block``; otherwise only the upper block triangle is
+  computed (the lower blocks are transposes), which saves ~40% of the dominant
+  cost. The blocks form ONE batched product: several independent large dots
+  in one program can wedge XLA's CPU thread pool on small machines (seen with
+  2 cores: the run stalls at 0% CPU).
   """
   t, n, k = q.shape
   if t <= block:
     return einsum("tnk,snl->tskl", q, q)
   nb = math.ceil(t / block)
   q = jnp.pad(q, ((0, nb * block - t), (0, 0), (0, 0))).reshape(nb, block, n, k)
-  blocks = {}
-  for i in range(nb):
-    for j in range(i, nb):
-      blocks[i, j] = einsum("tnk,snl->tskl", q[i], q[j])
+  bi, bj = np.triu_indices(nb)
+  prods = einsum("ptnk,psnl->ptskl", q[bi], q[bj])       # [pairs, block, block, k, k]
+  where = {(int(i), int(j)): p for p, (i, j) in enumerate(zip(bi, bj))}
   rows = []
   for i in range(nb):
     rows.append(jnp.concatenate(
-        [blocks[i, j] if i <= j else jnp.transpose(blocks[j, i], (1, 0, 3, 2))
+        [prods[where[i, j]] if i <= j else jnp.transpose(prods[where[j, i]], (1, 0, 3, 2))
          for j in range(nb)], axis=1))
   return jnp.concatenate(rows, axis=0)[:t, :t]
 
