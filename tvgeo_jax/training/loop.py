@@ -156,7 +156,8 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
              overwrite: bool = False, mesh=None) -> Dict[str, Any]:
   """Fine-tune ``config.model`` on ``config.task`` into ``run_dir``; returns results.json.
 
-  A finished run is returned as is unless ``overwrite``. An unfinished one resumes.
+  A finished run is returned as is unless ``overwrite`` (its config must match);
+  an unfinished one resumes from its latest checkpoint (same config required).
   """
   config.validate()
   run_dir = os.path.abspath(run_dir)
