@@ -170,7 +170,9 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
 
 def _progress(total: int, enabled: bool):
   from tqdm.auto import tqdm
-  return tqdm(total=total, desc="pretrain MLM", disable=not enabled, leave=False)
+  # disable=None: tqdm switches itself off when stderr is not a terminal (logs, CI).
+  return tqdm(total=total, desc="pretrain MLM", disable=None if enabled else True,
+              leave=False, mininterval=2.0)
 
 
 def save(directory: str, config: EncoderConfig, params: dict, report: Dict) -> None:
