@@ -1,0 +1,139 @@
+"""Fine-tuned models as inputs to the analyses: finetune run directories or peft adapters.
+
+``load_sources`` reads a list of directories — each either a run written by
+``experiments.finetune`` (``results.json``) or a peft LoRA adapter
+(``adapter_config.json``, e.g. downloaded from the hub) — and ``module_stacks`` turns
+them into the ``[tasks, layers, ...]`` stacks the geometry kernels take.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from tvgeo_jax import lora, task_vectors
+from tvgeo_jax.models import EncoderConfig
+
+
+@dataclasses.dataclass
+class Source:
+  """One fine-tuned model: its label, method, tree, and (for dense deltas) its base tree."""
+  name: str
+  method: str                 # "full" | "lora" | "bottleneck"
+  params: dict
+  config: EncoderConfig
+  path: str
+  base_model: str
+  base_params: Optional[dict] = None
+
+
+def _is_run(path: str) -> bool:
+  from tvgeo_jax import runs
+  return os.path.exists(os.path.join(path, runs.RESULTS))
+
+
+def _is_adapter(path: str) -> bool:
+  return os.path.exists(os.path.join(path, "adapter_config.json"))
+
+
+def load_source(path: str, base: Optional[str] = None, with_base: bool = True) -> Source:
+  """Read a run directory or a peft adapter directory.
+
+  ``base`` overrides the adapter's ``base_model_name_or_path`` (a local copy of the
+  base for an adapter that names a hub id, when offline).
+  """
+  from tvgeo_jax import peft_io, runs
+  from tvgeo_jax.models import load_pretrained
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path!r} is not a directory (expected a finetune run or a peft "
+                            "adapter directory).")
+  if _is_run(path):
+    run = runs.load_run(path)
+    base_params = run.base_params() if with_base and run.method != "lora" else None
+    return Source(name=run.task, method=run.method, params=run.params, config=run.model_config,
+                  path=run.run_dir, base_model=run.base_model, base_params=base_params)
+  if _is_adapter(path):
+    cfg = peft_io.read_adapter_config(path)
+    base_name = base or cfg.get("base_model_name_or_path")
+    if not base_name:
+      raise ValueError(f"{path}: adapter_config.json names no base model; pass --base.")
+    # The base gets a head shaped like the adapter's saved classifier (if it has one).
+    config, base_params = load_pretrained(base_name, num_labels=_adapter_num_labels(path))
+    params = peft_io.load_peft(path, base_params, config)
+    name = os.path.basename(os.path.normpath(path))
+    return Source(name=name, method="lora", params=params, config=config,
+                  path=os.path.abspath(path), base_model=base_name)
+  raise ValueError(f"{path!r} is neither a finetune run (results.json) nor a peft adapter "
+                   "(adapter_config.json). A run still in progress has no results.json yet: "
+                   "rerun its finetune command to finish it.")
+
+
+def _adapter_num_labels(path: str) -> Optional[int]:
+  """Rows of the adapter's saved classifier output layer; None if it saved no head."""
+  from safetensors import safe_open
+  with safe_open(os.path.join(path, "adapter_model.safetensors"), "numpy") as f:
+    for k in f.keys():
+      if k.endswith("out_proj.weight") or k.endswith("classifier.weight"):
+        return int(f.get_slice(k).get_shape()[0])
+  return None
+
+
+def load_sources(paths: Sequence[str], base: Optional[str] = None,
+                 with_base: bool = True) -> List[Source]:
+  """Load several sources; names are made unique (``task``, ``task#2`` …)."""
+  sources = [load_source(p, base=base, with_base=with_base) for p in paths]
+  seen: Dict[str, int] = {}
+  for s in sources:
+    seen[s.name] = seen.get(s.name, 0) + 1
+    if seen[s.name] > 1:
+      s.name = f"{s.name}#{seen[s.name]}"
+  return sources
+
+
+def check_same_shapes(sources: Sequence[Source]) -> None:
+  """All sources must share one base architecture; name the odd one out."""
+  ref = sources[0].config
+  keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+  for s in sources[1:]:
+    diff = {k: (getattr(ref, k), getattr(s.config, k)) for k in keys
+            if getattr(ref, k) != getattr(s.config, k)}
+    if diff:
+      raise ValueError(f"{s.path} has another base shape than {sources[0].path}: "
+                       + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+                       + ". Distances need models fine-tuned from the same base.")
+
+
+def module_stacks(sources: Sequence[Source], modules: Sequence[str],
+                  kind: Optional[str] = None) -> Dict[str, object]:
+  """``{module: stack}``: LoRA ``(A, B)`` factor stacks, or dense ``ΔW [T, L, out, in]``.
+
+  ``kind`` is ``"lora"`` (all sources must carry LoRA) or ``"dense"``; by default
+  LoRA when every source carries LoRA factors, dense otherwise (LoRA trees then
+  contribute their products B·A).
+  """
+  if not sources:
+    raise ValueError("No models given.")
+  check_same_shapes(sources)
+  all_lora = all(lora.has_lora(s.params) for s in sources)
+  kind = kind or ("lora" if all_lora else "dense")
+  if kind == "lora":
+    if not all_lora:
+      bad = [s.path for s in sources if not lora.has_lora(s.params)]
+      raise ValueError(f"LoRA distances need LoRA models; these have none: {bad}.")
+    return {m: task_vectors.stack_lora([s.params for s in sources], m) for m in modules}
+  models = []
+  for s in sources:
+    if lora.has_lora(s.params):
+      models.append(s.params)
+    elif s.base_params is None:
+      raise ValueError(f"{s.path}: a dense task vector needs the base model's weights.")
+    else:
+      models.append((s.params, s.base_params))
+  return {m: task_vectors.stack_full(models, m) for m in modules}
+
+
+def group_by_method(sources: Sequence[Source]) -> Mapping[str, List[Source]]:
+  out: Dict[str, List[Source]] = {}
+  for s in sources:
+    out.setdefault(s.method, []).append(s)
+  return out
