@@ -114,7 +114,6 @@ def run_scale(name, data, n_naive, repeats, seed) -> Dict[str, float]:
   t, l, d, r, mods = SCALES[name]
   a, b = make_stack(t, l, d, r, len(mods), data, seed)
   lm = a.shape[1]
-  naive_total, naive_per, n_total, n_timed = time_naive(a, b, n_naive, seed)
   aj, bj = jnp.asarray(a), jnp.asarray(b)
   t0 = time.perf_counter()
   jax.block_until_ready(grid_lib.grid_arrays((aj, bj)))
@@ -125,6 +124,10 @@ def run_scale(name, data, n_naive, repeats, seed) -> Dict[str, float]:
     jax.block_until_ready(grid_lib.grid_arrays((aj, bj)))
     runs.append(time.perf_counter() - t0)
   run = float(np.median(runs))
+  print(f"  {name}: grid compile+run {first:.1f} s, run {run:.2f} s; timing the naive loop...",
+        flush=True)
+  del aj, bj
+  naive_total, naive_per, n_total, n_timed = time_naive(a, b, n_naive, seed)
   flops = grid_flops(t, lm, d, r, 1.0 if data == "shared" else 0.0)
   return {"scale": name, "shape": f"T={t} L={l} d={d} r={r} x{len(mods)} module(s)",
           "naive_s": naive_total, "naive_per_pair_s": naive_per, "naive_pairs": n_total,

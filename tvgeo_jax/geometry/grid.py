@@ -220,6 +220,7 @@ def _layer_lora(a, b, *, metrics, factors, rtol, pair_chunk, gram_block):
   gb = _block_gram(sp["qb"], gram_block) if need_gb else None
   ga = _block_gram(sp["qa"], gram_block) if need_ga else None
   res: Dict[str, jax.Array] = {}
+  last = None        # the factors' Grassmann loops run one after the other (linalg._svqb_pass)
   for f in factors:
     if flat:
       if f == "product":
@@ -233,7 +234,8 @@ def _layer_lora(a, b, *, metrics, factors, rtol, pair_chunk, gram_block):
       res[f"{f}/sq_norm"] = jnp.diagonal(inner)
     if "grassmann" in metrics:
       q, g = (sp["qa"], ga) if f == "a" else (sp["qb"], gb)
-      res[f"{f}/grassmann"] = _grassmann_pairs(q, sp[f]["x"], sp[f]["rank"], g, pair_chunk)
+      x = sp[f]["x"] if last is None else linalg.after(sp[f]["x"], last)
+      last = res[f"{f}/grassmann"] = _grassmann_pairs(q, x, sp[f]["rank"], g, pair_chunk)
   for f in FACTORS:   # ranks and norms of all three are free; kept for the reports
     mat = sp["k"] if f == "product" else sp["rb" if f == "b" else "ra"]
     res.setdefault(f"{f}/sq_norm", jnp.sum(mat * mat, axis=(-2, -1)))

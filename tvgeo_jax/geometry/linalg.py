@@ -45,40 +45,55 @@ def default_rtol(*dims: int) -> float:
   return float(max(dims)) * EPS32
 
 
-def _svqb_pass(x: jax.Array, drop: float) -> jax.Array:
-  """One SVQB pass on ``x [..., n, r]``: ``x M`` with orthonormal columns.
+def _svqb_pass(xs, drop: float):
+  """One SVQB pass on each ``x [..., n_i, r]`` of ``xs``: ``x M`` with orthonormal columns.
 
   Columns whose Gram eigenvalue is below ``drop`` times the largest are set to
-  zero (they are rounding noise, not directions of ``x``).
+  zero (they are rounding noise, not directions of ``x``). The ``r x r`` Grams
+  of all inputs go through ONE batched ``eigh``: on CPU, jaxlib runs a batched
+  LAPACK call as tasks on XLA's intra-op pool and blocks a worker until they
+  finish, so two such calls running side by side can wedge a 2-thread pool.
+  Keeping every decomposition a single call in a data-dependent chain avoids it.
   """
-  g = einsum("...ni,...nj->...ij", x, x)
-  lam, v = jnp.linalg.eigh(g)
+  grams = jnp.stack([einsum("...ni,...nj->...ij", x, x) for x in xs])
+  lam, v = jnp.linalg.eigh(grams)
   lam_max = jnp.maximum(lam[..., -1:], 1e-30)
   keep = lam > drop * lam_max
   scale = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
-  return mm(x, v * scale[..., None, :])
+  m = v * scale[..., None, :]
+  return [mm(x, m[i]) for i, x in enumerate(xs)]
 
 
-def orthonormal_factor(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """``x [..., n, r] = q r_mat`` (n >= r) from small products only.
+def orthonormal_factors(xs):
+  """``x [..., n, r] = q r_mat`` (n >= r) for each ``x`` of ``xs``, small products only.
 
-  ``q [..., n, r]`` has orthonormal (or zero) columns spanning ``Im(x)`` and
-  ``r_mat = qᵀ x [..., r, r]``, so ``x = q r_mat`` to rounding and the singular
-  values (and numerical rank) of ``x`` are those of ``r_mat``
+  All ``xs`` share the leading and ``r`` dimensions (their ``n`` may differ).
+  For each, ``q [..., n, r]`` has orthonormal (or zero) columns spanning
+  ``Im(x)`` and ``r_mat = qᵀ x [..., r, r]``, so ``x = q r_mat`` to rounding and
+  the singular values (and numerical rank) of ``x`` are those of ``r_mat``
   (``subspace_coefficients``). A zero matrix gives ``q = 0``.
   Accuracy: ``Im(q)`` matches ``Im(x)`` to ``~eps * cond(x)``, like an SVD.
   """
   # Scale to unit Frobenius norm: subspaces are scale-free and this keeps the
   # Gram eigenvalues away from float32 under/overflow.
-  norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
-  xs = x / jnp.maximum(norm, 1e-30)
-  q = _svqb_pass(xs, drop=EPS32 ** 2)      # may contain noise columns of small norm
-  q = _svqb_pass(q, drop=1e-4)             # re-orthonormalise, drop the noise
-  r_mat = einsum("...ni,...nj->...ij", q, x)
-  return q, r_mat
+  xs_unit = [x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)), 1e-30)
+             for x in xs]
+  qs = _svqb_pass(xs_unit, drop=EPS32 ** 2)   # may contain noise columns of small norm
+  qs = _svqb_pass(qs, drop=1e-4)              # re-orthonormalise, drop the noise
+  return [(q, einsum("...ni,...nj->...ij", q, x)) for q, x in zip(qs, xs)]
 
 
-def subspace_coefficients(m: jax.Array, rtol: float
+def orthonormal_factor(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """``orthonormal_factors([x])[0]``: ``(q, r_mat)`` with ``x = q r_mat``."""
+  return orthonormal_factors([x])[0]
+
+
+def after(x, *deps):
+  """``x``, but only once ``deps`` are computed (serialises LAPACK calls, see above)."""
+  return jax.lax.optimization_barrier((x,) + tuple(deps))[0]
+
+
+def subspace_coefficients(m: jax.Array, rtol
                           ) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Orthonormal coefficients of ``Im(m)`` for square ``m [..., r, r]``.
 
@@ -87,6 +102,7 @@ def subspace_coefficients(m: jax.Array, rtol: float
   basis of ``Im(q m)`` padded with zero columns.
   """
   u, s, _ = jnp.linalg.svd(m)
+  rtol = jnp.reshape(jnp.asarray(rtol, s.dtype), jnp.shape(rtol) + (1,) * (s.ndim - jnp.ndim(rtol)))
   rank = jnp.sum(s > rtol * s[..., :1], axis=-1)
   rank = jnp.where(s[..., 0] > 0, rank, 0)
   mask = jnp.arange(m.shape[-1]) < rank[..., None]

@@ -172,15 +172,16 @@ def lora_spectral(b, a, rtol: Optional[float] = None):
   out, r = b.shape[-2:]
   inn = a.shape[-1]
   rtol_p = linalg.default_rtol(out, inn) if rtol is None else rtol
-  qb, rb = linalg.orthonormal_factor(b)
-  qa, ra = linalg.orthonormal_factor(jnp.swapaxes(a, -1, -2))
+  (qb, rb), (qa, ra) = linalg.orthonormal_factors([b, jnp.swapaxes(a, -1, -2)])
   k = mm(rb, jnp.swapaxes(ra, -1, -2))
   res = {"qb": qb, "rb": rb, "qa": qa, "ra": ra, "k": k}
-  for name, mat, tol in (("product", k, rtol_p),
-                         ("b", rb, linalg.default_rtol(out, r) if rtol is None else rtol),
-                         ("a", ra, linalg.default_rtol(inn, r) if rtol is None else rtol)):
-    x, s, rank = linalg.subspace_coefficients(mat, tol)
-    res[name] = {"x": x, "s": s, "rank": rank}
+  tols = (rtol_p, linalg.default_rtol(out, r) if rtol is None else rtol,
+          linalg.default_rtol(inn, r) if rtol is None else rtol)
+  # one batched SVD for the three r x r matrices (see linalg._svqb_pass)
+  x, s, rank = linalg.subspace_coefficients(jnp.stack([k, rb, ra]),
+                                            jnp.asarray(tols, jnp.float32))
+  for i, name in enumerate(("product", "b", "a")):
+    res[name] = {"x": x[i], "s": s[i], "rank": rank[i]}
   return res
 
 
