@@ -24,6 +24,7 @@ def setUpModule():
 def _config(**kw):
   # 96 examples / batch 16 = 6 steps per epoch, 2 epochs; checkpoints at steps 4, 6, 8, 12.
   base = dict(epochs=2, batch_size=16, checkpoint_every=4, log_every=1, progress=False,
+              learning_rate=1e-3,
               patience=5, max_seq_len=16)
   base.update(kw)
   return presets.resolve("topic", "full", "tiny", overrides=base)
