@@ -1,0 +1,206 @@
+"""Score parameter trees on a task's split: one model (``evaluate``) or many at once.
+
+The one home for "the metrics of these params on task X's validation/test split",
+built from the training pieces (``data_source.task_data``, ``step.make_eval_step``,
+``loop.predict``, ``loop.split_metrics``) so scores match a run's ``results.json``.
+
+* Tokenised data (``TrainingData``) is cached per (task, model, seed, max_seq_len,
+  data_scale, data_dir, eval_batch_size): scoring many merged models tokenises once.
+* ``evaluate_stacked`` scores K trees of one structure (e.g. every merge(i, ·) of
+  task i: same base, same head) in one compiled forward: the leaves that differ
+  between the trees are stacked and ``jax.vmap``-ed over, the shared ones (base,
+  head) are passed once. K is processed in chunks of ``chunk_size``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tvgeo_jax import trees
+from tvgeo_jax.models import apply as model_apply
+from tvgeo_jax.models.config import EncoderConfig
+from tvgeo_jax.training import loop, sharding, step as step_lib
+
+SPLITS = ("validation", "test")
+DEFAULT_CHUNK = 16
+
+_DATA_CACHE: Dict[Tuple, Any] = {}
+_STEP_CACHE: Dict[Tuple, Any] = {}
+_MESH = []
+
+
+def data_key(train_config) -> Tuple:
+  """What determines the tokenised eval batches of a run's config."""
+  c = train_config
+  return (c.task, c.model, int(c.seed), int(c.max_seq_len), float(c.data_scale), c.data_dir,
+          int(c.eval_batch_size))
+
+
+def task_data(train_config) -> loop.TrainingData:
+  """``data_source.task_data(config)``, cached (see ``data_key``)."""
+  from tvgeo_jax.training import data_source
+  key = data_key(train_config)
+  if key not in _DATA_CACHE:
+    _DATA_CACHE[key] = data_source.task_data(train_config)
+  return _DATA_CACHE[key]
+
+
+def clear_cache() -> None:
+  """Forget cached data and compiled steps (e.g. between unrelated studies)."""
+  _DATA_CACHE.clear()
+  _STEP_CACHE.clear()
+
+
+def _mesh():
+  if not _MESH:
+    _MESH.append(sharding.data_mesh())
+  return _MESH[0]
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+
+
+def class_weights(train_config, data: loop.TrainingData) -> Optional[np.ndarray]:
+  """The balanced class weights the run trained with (they enter the reported loss)."""
+  if train_config.class_weights and not data.is_regression:
+    return step_lib.balanced_class_weights(data.train_labels, data.num_labels)
+  return None
+
+
+def _check_head(model_config: EncoderConfig, data: loop.TrainingData, task: str) -> None:
+  if model_config.num_labels != data.num_labels:
+    raise ValueError(f"The model has {model_config.num_labels} labels but task {task!r} has "
+                     f"{data.num_labels}; score a model with that task's head "
+                     "(tvgeo_jax.merging.with_head).")
+
+
+def _eval_step(model_config: EncoderConfig, is_regression: bool, dtype: str):
+  key = ("single", model_config, is_regression, dtype)
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = step_lib.make_eval_step(model_config=model_config, mesh=_mesh(),
+                                               is_regression=is_regression,
+                                               dtype=jnp.dtype(dtype))
+  return _STEP_CACHE[key]
+
+
+def evaluate(params: Mapping, model_config: EncoderConfig, train_config,
+             split: str = "test") -> Dict[str, Any]:
+  """Metrics of ``params`` on ``train_config.task``'s ``split`` (as in ``results.json``)."""
+  _check_split(split)
+  data = task_data(train_config)
+  _check_head(model_config, data, train_config.task)
+  step = _eval_step(model_config, data.is_regression, train_config.dtype)
+  params = sharding.replicate(params, _mesh())
+  pred = loop.predict(step, params, data.eval_batches(split), _mesh())
+  return loop.split_metrics(pred, data, class_weights(train_config, data))
+
+
+# --- stacked evaluation ---------------------------------------------------------------
+
+def split_shared(params_list: Sequence[Mapping]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """``(shared, varying)`` keyed by path string: leaves equal in every tree (passed
+  once) and the others stacked ``[K, ...]``. Raises if the trees' structures differ."""
+  flats = [trees.flatten(p) for p in params_list]
+  ref = flats[0]
+  for i, f in enumerate(flats[1:], 1):
+    if f.keys() != ref.keys():
+      odd = sorted(set(f) ^ set(ref))[0]
+      raise ValueError(f"evaluate_stacked: tree {i} and tree 0 differ in structure "
+                       f"({trees.path_str(odd)} is in one only); stack only trees with the "
+                       "same leaves (e.g. the merges of one task, with its head).")
+    for p, v in f.items():
+      if np.shape(v) != np.shape(ref[p]):
+        raise ValueError(f"evaluate_stacked: {trees.path_str(p)} has shape {np.shape(v)} in "
+                         f"tree {i} but {np.shape(ref[p])} in tree 0.")
+  shared, varying = {}, {}
+  for p, v0 in ref.items():
+    leaves = [f[p] for f in flats]
+    same = all(l is v0 for l in leaves[1:]) or all(
+        bool(jnp.array_equal(jnp.asarray(l), jnp.asarray(v0))) for l in leaves[1:])
+    if same:
+      shared[trees.path_str(p)] = v0
+    else:
+      varying[trees.path_str(p)] = jnp.stack([jnp.asarray(l) for l in leaves])
+  return shared, varying
+
+
+def _unflatten_str(flat: Mapping[str, Any]) -> dict:
+  return trees.unflatten({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def _stacked_step(model_config: EncoderConfig, is_regression: bool, dtype: str):
+  """``step(varying [K,...], shared, batch) -> {"logits" [B, K, C], "loss" [B, K], ...}``.
+
+  Batch-major outputs, so ``loop.predict`` drops padding rows along axis 0 as for
+  one model.
+  """
+  key = ("stacked", model_config, is_regression, dtype)
+  if key in _STEP_CACHE:
+    return _STEP_CACHE[key]
+  mesh = _mesh()
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+  def forward(varying, shared, batch):
+    def one(v):
+      params = _unflatten_str({**shared, **v})
+      out = model_apply(params, batch, config=model_config, train=False,
+                        dtype=jnp.dtype(dtype))
+      logits = out["logits"].astype(jnp.float32)
+      return logits, step_lib.per_example_loss(logits, batch["labels"], is_regression)
+    logits, loss = jax.vmap(one)(varying)                       # [K, B, C], [K, B]
+    return {"logits": jnp.swapaxes(logits, 0, 1), "loss": jnp.swapaxes(loss, 0, 1),
+            "labels": batch["labels"], "weights": batch["weights"]}
+
+  jitted = jax.jit(forward, in_shardings=(rep, rep, data), out_shardings=data)
+  _STEP_CACHE[key] = jitted
+  return jitted
+
+
+def evaluate_stacked(params_list: Sequence[Mapping], model_config: EncoderConfig,
+                     train_config, split: str = "test",
+                     chunk_size: Optional[int] = DEFAULT_CHUNK) -> List[Dict[str, Any]]:
+  """``[evaluate(p, ...) for p in params_list]``, K trees per compiled forward.
+
+  The trees must share structure and shapes (the merges scored on one task carry
+  that task's head). Leaves identical across the trees are not copied K times.
+  ``chunk_size`` bounds K per forward (memory: K copies of the varying leaves and
+  K activations of an eval batch); ``None`` stacks them all.
+  """
+  _check_split(split)
+  params_list = list(params_list)
+  if not params_list:
+    raise ValueError("evaluate_stacked: no parameter trees given.")
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"evaluate_stacked: chunk_size must be >= 1 or None, got {chunk_size}.")
+  data = task_data(train_config)
+  _check_head(model_config, data, train_config.task)
+  cw = class_weights(train_config, data)
+  step = _stacked_step(model_config, data.is_regression, train_config.dtype)
+  mesh = _mesh()
+  size = len(params_list) if chunk_size is None else chunk_size
+  out: List[Dict[str, Any]] = []
+  for start in range(0, len(params_list), size):
+    chunk = params_list[start:start + size]
+    if len(chunk) == 1:
+      out.append(evaluate(chunk[0], model_config, train_config, split))
+      continue
+    shared, varying = split_shared(chunk)
+    if not varying:   # identical trees: score one, copy the metrics
+      res = evaluate(chunk[0], model_config, train_config, split)
+      out.extend(dict(res) for _ in chunk)
+      continue
+    shared = sharding.replicate(shared, mesh)
+    varying = sharding.replicate(varying, mesh)
+    pred = loop.predict(lambda v, batch: step(v, shared, batch), varying,
+                        data.eval_batches(split), mesh)
+    for k in range(len(chunk)):
+      one = {"logits": pred["logits"][:, k], "loss": pred["loss"][:, k],
+             "labels": pred["labels"], "weights": pred["weights"]}
+      out.append(loop.split_metrics(one, data, cw))
+  return out

@@ -1,0 +1,539 @@
+"""The merge/interference study on saved runs (paper A section 3.2 and Table 3; paper C).
+
+Inputs are finished fine-tuning runs (``tvgeo_jax.sources.load_sources``); nothing is
+retrained. Every score comes from ``tvgeo_jax.evaluation`` on the task's *test* split.
+
+Pairs (paper A):
+  * ``merge_grid``: for every ordered pair (i, j), i ≠ j, ``merge(i, j)`` with task i's
+    head, scored on task i (the merges of one task are scored as one stacked batch);
+    single-task scores ``score_i(model_i)`` are **re-evaluated** with the same code (so
+    δ compares like with like; ``results.json``'s value is reported beside it);
+    ``δ = interference.delta_matrix`` (diagonal NaN).
+  * ``interference_tables``: ``T̄_d(i, j)`` for metrics l2/cosine/grassmann (Grassmann
+    only for LoRA, or dense with ``top_k``), per module, over all layers and layers
+    k..L ("k+", 1-indexed) for every k; Spearman tables per (module, metric, range)
+    with ``interference.spearman_table`` (NaN rows reported); summary mean (std) over
+    tasks = Table 3.
+Paper C analyses:
+  * ``sign_conflicts``: share of entries with a sign conflict vs the number of merged
+    task vectors (after top-k trimming), ``merging.sign_conflict_share``.
+  * ``topk_sweep``: score of task i with only the top-k fraction of its task vector.
+  * ``multitask``: merges of n = 2..T tasks with each method; the subsets are the
+    prefixes of one seeded permutation of the tasks (n = T: all tasks). Reported:
+    the mean over the merged tasks of the score, and of the normalised score
+    ``score_i(merge) / score_i(model_i)`` (NaN where the single score is 0).
+
+Score: ``score="main"`` (the task's main metric, default), any scalar metric name
+(``"accuracy"``, ``"loss"``...) or ``"neg_loss"`` (−loss, higher is better). Every
+evaluation stores all scalar metrics in a JSON cache, so the score can be changed
+without re-evaluating, and a rerun (after a crash) skips everything already scored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tvgeo_jax import evaluation, interference, io_utils, lora, merging, runs, sources
+
+METHODS = ("lora_factor_average", "lora_product_average", "weight_average",
+           "task_arithmetic", "ties", "dare")
+ALIASES = {"lora_avg": "lora_factor_average", "lora_product": "lora_product_average",
+           "weight_avg": "weight_average", "ta": "task_arithmetic"}
+LORA_ONLY = ("lora_factor_average", "lora_product_average")
+METRIC_LABELS = {"l2": "l2", "cosine": "cos", "grassmann": "d_G"}
+DEFAULT_MODULES = ("query", "value")
+DEFAULT_TOPK = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def resolve_method(method: str) -> str:
+  name = ALIASES.get(method, method)
+  if name not in METHODS:
+    raise ValueError(f"Unknown merge method {method!r}; valid: {', '.join(METHODS)} "
+                     f"(aliases {', '.join(ALIASES)}).")
+  return name
+
+
+# --- inputs ------------------------------------------------------------------------
+
+def train_configs(srcs: Sequence[sources.Source]) -> List[Any]:
+  """Each source's TrainConfig (task, data and eval settings) from its run directory."""
+  out = []
+  for s in srcs:
+    if not runs.is_finished(s.path):
+      raise ValueError(f"{s.path} is not a finished finetune run: the merge study scores "
+                       "models on their task's test split and needs the run's config "
+                       "(results.json). A bare peft adapter cannot be scored.")
+    out.append(runs.load_run(s.path, load_params=False).config)
+  return out
+
+
+def _check_sources(srcs: Sequence[sources.Source], method: str) -> None:
+  if len(srcs) < 2:
+    raise ValueError(f"The merge study needs at least 2 runs, got {len(srcs)}.")
+  sources.check_same_shapes(srcs)
+  if method in LORA_ONLY:
+    dense = [s.path for s in srcs if not lora.has_lora(s.params)]
+    if dense:
+      raise ValueError(f"{method} merges LoRA adapters; these runs carry none: {dense}. "
+                       "Use weight_average, task_arithmetic or ties for full fine-tuning.")
+
+
+def base_tree(source: sources.Source) -> dict:
+  """θ0 of a source: the frozen base of a LoRA tree, or the run's pretrained tree."""
+  if lora.has_lora(source.params):
+    return lora.strip_lora(source.params)
+  if source.base_params is None:
+    raise ValueError(f"{source.path}: task-vector merges of a full fine-tuning run need the "
+                     "base weights; load sources with with_base=True.")
+  return source.base_params
+
+
+def merge(method: str, models: Sequence[Mapping], base: Optional[Mapping] = None,
+          **kw) -> dict:
+  """``method`` applied to ``models``; the result carries ``models[0]``'s head.
+
+  ``kw``: ``modules``; ``lam`` (task_arithmetic, ties, dare); ``k``, ``granularity``,
+  ``sign_rule`` (ties); ``drop_rate``, ``seed`` (dare); ``refactor_rank``
+  (lora_product_average).
+  """
+  method = resolve_method(method)
+  allowed = {"lora_factor_average": ("modules",),
+             "lora_product_average": ("modules", "refactor_rank"),
+             "weight_average": ("modules",),
+             "task_arithmetic": ("modules", "lam"),
+             "ties": ("modules", "lam", "k", "granularity", "sign_rule", "zero_sign"),
+             "dare": ("modules", "lam", "drop_rate", "seed")}[method]
+  kw = {k: v for k, v in kw.items() if v is not None}
+  bad = sorted(set(kw) - set(allowed))
+  if bad:
+    raise ValueError(f"{method} takes no option(s) {bad}; it takes {list(allowed)}.")
+  fn = getattr(merging, method)
+  if method in ("task_arithmetic", "ties", "dare"):
+    if base is None:
+      raise ValueError(f"{method} needs the base tree θ0.")
+    if method == "dare" and "drop_rate" not in kw:
+      raise ValueError("dare needs drop_rate=...")
+    return fn(base, list(models), head_from=0, **kw)
+  return fn(list(models), head_from=0, **kw)
+
+
+# --- the evaluation cache -------------------------------------------------------------
+
+def _scalars(metrics: Mapping) -> Dict[str, Any]:
+  return {k: v for k, v in metrics.items()
+          if isinstance(v, (int, float, str, bool)) or np.isscalar(v)}
+
+
+class EvalCache:
+  """``{key: scalar metrics}`` in a JSON file, rewritten atomically after each batch.
+
+  ``new`` counts the evaluations this object performed (not read back from disk).
+  """
+
+  def __init__(self, path: Optional[str], meta: Mapping[str, Any]):
+    self.path = path
+    self.meta = dict(meta)
+    self.entries: Dict[str, Dict[str, Any]] = {}
+    self.new = 0
+    if path and os.path.exists(path):
+      saved = io_utils.read_json(path)
+      if saved.get("meta") != json.loads(json.dumps(self.meta)):
+        raise ValueError(f"{path} holds results of another study ({saved.get('meta')}); "
+                         "use another --out or delete the cache to start afresh.")
+      self.entries = saved["entries"]
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.entries
+
+  def __getitem__(self, key: str) -> Dict[str, Any]:
+    return self.entries[key]
+
+  def put(self, items: Mapping[str, Mapping]) -> None:
+    for k, v in items.items():
+      self.entries[k] = _scalars(v)
+      self.new += 1
+    self.save()
+
+  def save(self) -> None:
+    if self.path:
+      io_utils.atomic_write_json(self.path, {"meta": self.meta, "entries": self.entries})
+
+
+def study_tag(method: str, kw: Mapping[str, Any]) -> str:
+  """A short name of (method, options), for cache and output file names."""
+  opts = json.dumps({k: v for k, v in sorted(kw.items()) if v is not None}, default=str)
+  return f"{method}-{hashlib.sha1(opts.encode()).hexdigest()[:8]}"
+
+
+def open_cache(out_dir: Optional[str], srcs: Sequence[sources.Source]) -> EvalCache:
+  """One cache per set of runs: ``OUT/cache/evaluations.json``."""
+  meta = {"runs": [s.path for s in srcs], "names": [s.name for s in srcs]}
+  path = os.path.join(out_dir, "cache", "evaluations.json") if out_dir else None
+  return EvalCache(path, meta)
+
+
+def score_of(metrics: Mapping[str, Any], score: str) -> float:
+  if score == "neg_loss":
+    return -float(metrics["loss"])
+  if score not in metrics:
+    raise ValueError(f"score {score!r} is not among the metrics {sorted(metrics)}; use "
+                     "'main', 'neg_loss' or one of them.")
+  return float(metrics[score])
+
+
+# --- pairs: δ and Table 3 --------------------------------------------------------------
+
+def single_scores(srcs, configs, cache: EvalCache) -> List[Dict[str, Any]]:
+  """Each task's own model on its test split (re-evaluated, cached as ``single|name``)."""
+  todo = {f"single|{s.name}": (s, c) for s, c in zip(srcs, configs)
+          if f"single|{s.name}" not in cache}
+  for key, (s, c) in todo.items():
+    cache.put({key: evaluation.evaluate(s.params, s.config, c, "test")})
+  return [cache[f"single|{s.name}"] for s in srcs]
+
+
+def merge_grid(srcs: Sequence[sources.Source], method: str = "lora_factor_average", *,
+               cache: Optional[EvalCache] = None, configs: Optional[Sequence] = None,
+               score: str = "main", chunk_size: Optional[int] = evaluation.DEFAULT_CHUNK,
+               **kw) -> Dict[str, Any]:
+  """Scores of every merge(i, j) on task i, single scores and δ.
+
+  Returns ``{"method", "options", "task_names", "score", "single" [T],
+  "single_results_json" [T], "merged" [T, T] (NaN diagonal), "delta" [T, T],
+  "metrics": {"i|j": all scalar metrics}}``.
+  """
+  method = resolve_method(method)
+  srcs = list(srcs)
+  _check_sources(srcs, method)
+  configs = list(configs) if configs is not None else train_configs(srcs)
+  cache = cache if cache is not None else open_cache(None, srcs)
+  tag = study_tag(method, kw)
+  t = len(srcs)
+  singles = single_scores(srcs, configs, cache)
+  for i, (si, ci) in enumerate(zip(srcs, configs)):
+    keys = {j: f"pair|{tag}|{si.name}|{srcs[j].name}" for j in range(t) if j != i}
+    todo = [j for j, k in keys.items() if k not in cache]
+    if not todo:
+      continue
+    base = base_tree(si) if method in ("task_arithmetic", "ties", "dare") else None
+    merged = [merge(method, [si.params, srcs[j].params], base, **kw) for j in todo]
+    res = evaluation.evaluate_stacked(merged, si.config, ci, "test", chunk_size=chunk_size)
+    cache.put({keys[j]: r for j, r in zip(todo, res)})
+  merged_scores = np.full((t, t), np.nan)
+  metrics = {}
+  for i in range(t):
+    for j in range(t):
+      if i != j:
+        m = cache[f"pair|{tag}|{srcs[i].name}|{srcs[j].name}"]
+        merged_scores[i, j] = score_of(m, score)
+        metrics[f"{srcs[i].name}|{srcs[j].name}"] = m
+  single = np.array([score_of(m, score) for m in singles])
+  saved = []
+  for s in srcs:
+    test = io_utils.read_json(os.path.join(s.path, runs.RESULTS))["metrics"]["test"]
+    saved.append(score_of(test, score) if (score in test or score == "neg_loss")
+                 else float("nan"))
+  return {"method": method, "options": {k: v for k, v in kw.items() if v is not None},
+          "task_names": [s.name for s in srcs], "score": score, "single": single.tolist(),
+          "single_results_json": saved, "merged": merged_scores.tolist(),
+          "delta": interference.delta_matrix(single, merged_scores).tolist(),
+          "metrics": metrics}
+
+
+def column_name(metric: str, k: int) -> str:
+  """"cos" for all layers, "cos 5+" for layers 5..L (1-indexed)."""
+  label = METRIC_LABELS[metric]
+  return label if k == 1 else f"{label} {k}+"
+
+
+def distance_columns(srcs: Sequence[sources.Source], modules: Sequence[str] = DEFAULT_MODULES,
+                     metrics: Optional[Sequence[str]] = None, top_k: Optional[int] = None
+                     ) -> Dict[str, Dict[str, np.ndarray]]:
+  """``{module: {column: T̄_d [T, T]}}`` for every metric and layer range (all, k+)."""
+  from tvgeo_jax import geometry
+  stacks = sources.module_stacks(srcs, list(modules))
+  is_lora = all(isinstance(s, tuple) for s in stacks.values())
+  if metrics is None:
+    metrics = [m for m in geometry.METRICS if is_lora or m != "grassmann" or top_k]
+  grids = geometry.distance_grids(stacks, task_names=[s.name for s in srcs],
+                                  metrics=tuple(metrics), factors=("product",), top_k=top_k)
+  out = {}
+  for module, grid in grids.items():
+    cols = {}
+    for metric in metrics:
+      for k in range(1, grid.num_layers + 1):
+        cols[column_name(metric, k)] = grid.kplus_mean("product", metric, k)
+    out[module] = cols
+  return out
+
+
+def interference_tables(delta, columns: Mapping[str, Mapping[str, np.ndarray]],
+                        task_names: Sequence[str]) -> Dict[str, Dict[str, dict]]:
+  """``{module: spearman_table(δ, its columns)}`` (Table 3 rows)."""
+  return {module: interference.spearman_table(delta, cols, task_names)
+          for module, cols in columns.items()}
+
+
+def table3_columns(tables: Mapping[str, Mapping[str, dict]],
+                   kplus: Sequence[int] = (5,)) -> List[str]:
+  """Paper A's columns (all-layer metrics, then cos/d_G k+) that exist in ``tables``."""
+  have = list(next(iter(tables.values())))
+  cols = [c for c in ("l2", "cos", "d_G") if c in have]
+  n_layers = sum(1 for c in have if c.startswith("cos"))
+  for k in kplus:
+    k = min(k, n_layers)
+    cols += [c for c in (f"cos {k}+", f"d_G {k}+") if c in have and c not in cols]
+  return cols
+
+
+def table3_markdown(tables: Mapping[str, Mapping[str, dict]], kplus: Sequence[int] = (5,)
+                    ) -> str:
+  """Table 3 (rows: modules) and, below it, every layer range."""
+  rows = {m.capitalize(): t for m, t in tables.items()}
+  main = interference.spearman_markdown(rows, table3_columns(tables, kplus))
+  full = interference.spearman_markdown(rows)
+  return ("Spearman ρ between δ(i, ·) and T̄_d(i, ·), mean (std) over tasks\n\n" + main
+          + "\nAll layer ranges (k+ = layers k..L, 1-indexed)\n\n" + full)
+
+
+def scatter_plots(out_dir: str, grid: Mapping[str, Any],
+                  columns: Mapping[str, Mapping[str, np.ndarray]]) -> List[str]:
+  """δ(i, j) against each all-layer distance, one PNG per module (points coloured by i)."""
+  from tvgeo_jax import figures
+  delta = np.asarray(grid["delta"], np.float64)
+  names = grid["task_names"]
+  off = ~np.eye(len(names), dtype=bool)
+  paths = []
+  for module, cols in columns.items():
+    shown = [c for c in cols if " " not in c]
+    fig, axes = figures.panels(len(shown), title=f"{grid['method']}: δ vs distance ({module})")
+    for ax, col in zip(axes, shown):
+      d = np.asarray(cols[col])
+      for i, name in enumerate(names):
+        ax.scatter(d[i][off[i]], delta[i][off[i]], s=14, label=name)
+      ax.set_xlabel(f"T̄ {col}")
+      ax.set_ylabel(f"δ ({grid['score']})")
+    axes[0].legend(fontsize=6)
+    path = os.path.join(out_dir, f"scatter_{module}.png")
+    figures.save_figure(fig, path)
+    paths.append(path)
+  return paths
+
+
+# --- paper C ---------------------------------------------------------------------------
+
+def _task_vectors(srcs, modules):
+  base = base_tree(srcs[0])
+  return merging.task_vectors(base, [s.params for s in srcs], modules=modules)
+
+
+def sign_conflicts(srcs: Sequence[sources.Source], ks: Sequence[float] = (0.2, 1.0), *,
+                   modules=None, granularity: str = "global", max_subsets: int = 20,
+                   seed: int = 0) -> Dict[str, Any]:
+  """``{k: {n: {"mean", "std", "subsets"}}}``: conflict share vs number of task vectors."""
+  tvs = _task_vectors(srcs, modules)
+  return {str(k): {str(n): v for n, v in merging.sign_conflict_share(
+      tvs, k, granularity=granularity, max_subsets=max_subsets, seed=seed).items()}
+          for k in ks}
+
+
+def topk_sweep(srcs, configs, cache: EvalCache, ks: Sequence[float] = DEFAULT_TOPK, *,
+               modules=None, granularity: str = "global", score: str = "main",
+               chunk_size: Optional[int] = evaluation.DEFAULT_CHUNK) -> Dict[str, Any]:
+  """Score of θ0 + keep_top_k(τ_i, k) (task i's head) on task i, for every k."""
+  out = {"ks": list(ks), "score": score, "tasks": {}}
+  for s, c in zip(srcs, configs):
+    keys = {k: f"topk|{granularity}|{modules}|{s.name}|{k}" for k in ks}
+    todo = [k for k in ks if keys[k] not in cache]
+    if todo:
+      base = base_tree(s)
+      tau = merging.task_vector(base, s.params, modules=modules)
+      models = [merging.apply_task_vector(base, merging.keep_top_k(tau, k, granularity),
+                                          head_from=s.params) for k in todo]
+      res = evaluation.evaluate_stacked(models, s.config, c, "test", chunk_size=chunk_size)
+      cache.put({keys[k]: r for k, r in zip(todo, res)})
+    out["tasks"][s.name] = [score_of(cache[keys[k]], score) for k in ks]
+  return out
+
+
+def multitask(srcs, configs, cache: EvalCache, methods: Sequence[str], *, score: str = "main",
+              seed: int = 0, options: Optional[Mapping[str, Mapping]] = None
+              ) -> Dict[str, Any]:
+  """Merges of the first n tasks of a seeded permutation, n = 2..T, per method.
+
+  ``options``: per-method keyword arguments of ``merge``.
+  """
+  options = options or {}
+  single = {s.name: score_of(m, score)
+            for s, m in zip(srcs, single_scores(srcs, configs, cache))}
+  order = np.random.default_rng(seed).permutation(len(srcs)).tolist()
+  out = {"order": [srcs[i].name for i in order], "score": score, "seed": seed, "methods": {}}
+  for method in methods:
+    method = resolve_method(method)
+    if method in LORA_ONLY and not all(lora.has_lora(s.params) for s in srcs):
+      continue
+    kw = dict(options.get(method, {}))
+    tag = study_tag(method, kw)
+    rows = []
+    for n in range(2, len(srcs) + 1):
+      idx = order[:n]
+      subset = [srcs[i] for i in idx]
+      names = ",".join(s.name for s in subset)
+      keys = {s.name: f"multi|{tag}|{names}|{s.name}" for s in subset}
+      if any(k not in cache for k in keys.values()):
+        base = base_tree(subset[0]) if method in ("task_arithmetic", "ties", "dare") else None
+        body = merge(method, [s.params for s in subset], base, **kw)
+        for i, s in zip(idx, subset):
+          c = configs[i]
+          if keys[s.name] not in cache:
+            cache.put({keys[s.name]: evaluation.evaluate(merging.with_head(body, s.params),
+                                                          s.config, c, "test")})
+      scores = {s.name: score_of(cache[keys[s.name]], score) for s in subset}
+      norm = [scores[k] / single[k] if single[k] != 0 else float("nan") for k in scores]
+      rows.append({"n": n, "tasks": list(scores), "scores": scores,
+                   "mean_score": float(np.mean(list(scores.values()))),
+                   "mean_normalised": float(np.mean(norm))})
+    out["methods"][method] = {"options": kw, "rows": rows}
+  return out
+
+
+def _plot_paper_c(out_dir: str, conflicts, topk, multi) -> List[str]:
+  from tvgeo_jax import figures
+  paths = []
+  if conflicts is not None:
+    fig, (ax,) = figures.panels(1, "Sign conflicts vs number of task vectors")
+    for k, per_n in conflicts.items():
+      ns = sorted(int(n) for n in per_n)
+      ax.errorbar(ns, [per_n[str(n)]["mean"] for n in ns], [per_n[str(n)]["std"] for n in ns],
+                  marker="o", label=f"top-{float(k):.0%}")
+    ax.set_xlabel("merged task vectors")
+    ax.set_ylabel("share of entries in conflict")
+    ax.legend(fontsize=7)
+    paths.append(os.path.join(out_dir, "sign_conflicts.png"))
+    figures.save_figure(fig, paths[-1])
+  if topk is not None:
+    fig, (ax,) = figures.panels(1, "Keeping the top-k of a task vector")
+    for name, vals in topk["tasks"].items():
+      ax.plot([100 * k for k in topk["ks"]], vals, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("kept entries (%)")
+    ax.set_ylabel(topk["score"])
+    ax.legend(fontsize=7)
+    paths.append(os.path.join(out_dir, "topk.png"))
+    figures.save_figure(fig, paths[-1])
+  if multi is not None and multi["methods"]:
+    fig, (ax,) = figures.panels(1, "Multi-task merges")
+    for method, res in multi["methods"].items():
+      ax.plot([r["n"] for r in res["rows"]], [r["mean_score"] for r in res["rows"]],
+              marker="o", label=method)
+    ax.set_xlabel("merged tasks")
+    ax.set_ylabel(f"mean {multi['score']} over merged tasks")
+    ax.legend(fontsize=7)
+    paths.append(os.path.join(out_dir, "multitask.png"))
+    figures.save_figure(fig, paths[-1])
+  return paths
+
+
+# --- the whole study -------------------------------------------------------------------
+
+ANALYSES = ("pairs", "ties", "topk", "multitask")
+
+
+def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_factor_average",
+              *, analyses: Sequence[str] = ("pairs",), score: str = "main",
+              modules: Sequence[str] = DEFAULT_MODULES, kplus: Sequence[int] = (5,),
+              topk_ks: Sequence[float] = DEFAULT_TOPK, conflict_ks: Sequence[float] = (0.2, 1.0),
+              multitask_methods: Optional[Sequence[str]] = None, seed: int = 0,
+              top_k: Optional[int] = None, chunk_size: Optional[int] = evaluation.DEFAULT_CHUNK,
+              figures: bool = True, **kw) -> Dict[str, Any]:
+  """Run the chosen analyses and write them under ``out_dir``.
+
+  Files: ``pairs_{method}.json`` (scores, δ, distances, Spearman tables),
+  ``table3_{method}.md``, ``scatter_{module}.png`` (under ``figures/{method}``);
+  with both LoRA averagings available, ``lora_merges.md`` compares factor and
+  product averaging; ``ties.json`` (sign conflicts), ``topk.json``,
+  ``multitask.json`` and their PNGs; ``cache/evaluations.json`` (resumption).
+  Returns the written objects plus ``"evaluations"``: evaluations performed now.
+  """
+  method = resolve_method(method)
+  bad = sorted(set(analyses) - set(ANALYSES))
+  if bad:
+    raise ValueError(f"Unknown analyses {bad}; valid: {', '.join(ANALYSES)}.")
+  srcs = list(srcs)
+  _check_sources(srcs, method)
+  configs = train_configs(srcs)
+  os.makedirs(out_dir, exist_ok=True)
+  cache = open_cache(out_dir, srcs)
+  names = [s.name for s in srcs]
+  result: Dict[str, Any] = {}
+  all_lora = all(lora.has_lora(s.params) for s in srcs)
+  if "pairs" in analyses:
+    columns = distance_columns(srcs, modules, top_k=top_k)
+    pair_methods = [method]
+    if method in LORA_ONLY and all_lora:   # both LoRA averagings, side by side
+      pair_methods = ["lora_factor_average", "lora_product_average"]
+      pair_methods.sort(key=lambda m: m != method)
+    result["pairs"] = {}
+    for m in pair_methods:
+      m_kw = kw if m == method else {k: v for k, v in kw.items() if k == "modules"}
+      grid = merge_grid(srcs, m, cache=cache, configs=configs, score=score,
+                        chunk_size=chunk_size, **m_kw)
+      tables = interference_tables(grid["delta"], columns, names)
+      grid["distances"] = {mod: {c: np.asarray(v).tolist() for c, v in cols.items()}
+                           for mod, cols in columns.items()}
+      grid["spearman"] = tables
+      grid["table3_columns"] = table3_columns(tables, kplus)
+      io_utils.atomic_write_json(os.path.join(out_dir, f"pairs_{m}.json"), grid)
+      io_utils.atomic_write_text(os.path.join(out_dir, f"table3_{m}.md"),
+                                 f"# {m} ({score})\n\n" + table3_markdown(tables, kplus))
+      if figures:
+        scatter_plots(os.path.join(out_dir, "figures", m), grid, columns)
+      result["pairs"][m] = grid
+    if len(pair_methods) == 2:
+      io_utils.atomic_write_text(os.path.join(out_dir, "lora_merges.md"),
+                                 lora_merge_comparison(result["pairs"]))
+  conflicts = topk = multi = None
+  if "ties" in analyses:
+    conflicts = sign_conflicts(srcs, conflict_ks, modules=None, seed=seed)
+    io_utils.atomic_write_json(os.path.join(out_dir, "ties.json"),
+                               {"task_names": names, "sign_conflicts": conflicts})
+    result["ties"] = conflicts
+  if "topk" in analyses:
+    topk = topk_sweep(srcs, configs, cache, topk_ks, score=score, chunk_size=chunk_size)
+    io_utils.atomic_write_json(os.path.join(out_dir, "topk.json"), topk)
+    result["topk"] = topk
+  if "multitask" in analyses:
+    if multitask_methods is None:
+      multitask_methods = ([*LORA_ONLY] if all_lora else []) + [
+          "weight_average", "task_arithmetic", "ties"]
+    opts = {method: kw} if kw else {}
+    multi = multitask(srcs, configs, cache, multitask_methods, score=score, seed=seed,
+                      options=opts)
+    io_utils.atomic_write_json(os.path.join(out_dir, "multitask.json"), multi)
+    result["multitask"] = multi
+  if figures:
+    _plot_paper_c(os.path.join(out_dir, "figures"), conflicts, topk, multi)
+  result["evaluations"] = cache.new
+  return result
+
+
+def lora_merge_comparison(pairs: Mapping[str, Mapping[str, Any]]) -> str:
+  """Markdown: per task, mean δ over partners under factor vs product averaging.
+
+  Factor averaging's update ``¼(B1+B2)(A1+A2)`` adds the cross terms
+  ``¼(B1A2 + B2A1)`` to product averaging's ``½(B1A1 + B2A2)``.
+  """
+  f, p = pairs["lora_factor_average"], pairs["lora_product_average"]
+  lines = ["Factor averaging ((A1+A2)/2, (B1+B2)/2) vs product averaging ((B1A1+B2A2)/2): "
+           "the difference is the cross terms (B1A2+B2A1)/4.", "",
+           f"| task | single ({f['score']}) | mean δ factor | mean δ product |",
+           "|---|---|---|---|"]
+  for i, name in enumerate(f["task_names"]):
+    df = np.nanmean(np.asarray(f["delta"], np.float64)[i])
+    dp = np.nanmean(np.asarray(p["delta"], np.float64)[i])
+    lines.append(f"| {name} | {f['single'][i]:.4f} | {df:.4f} | {dp:.4f} |")
+  return "\n".join(lines) + "\n"
