@@ -1,0 +1,77 @@
+r"""The merge/interference study on saved finetune runs (paper A Table 3, paper C).
+
+  python -m experiments.merge_grid --runs='runs/synth_*/lora' --method=lora_avg --out=out/merge
+  python -m experiments.merge_grid --runs=R1,R2,R3 --method=ties --k=0.2 --lam=1.0 \
+      --analyses=pairs,ties,topk,multitask --out=out/ties
+
+Every ordered pair (i, j) is merged with task i's head and scored on task i's test
+split; δ, distances and Spearman tables (Table 3) go to OUT as JSON and Markdown,
+with scatter plots. Evaluations are cached in OUT/cache: a rerun skips them.
+See ``tvgeo_jax.merge_study`` for the files written.
+"""
+from __future__ import annotations
+
+import glob
+
+from absl import app, flags
+
+from tvgeo_jax import merge_study, sources
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("runs", None, "Finished finetune run directories (globs allowed).")
+flags.DEFINE_enum("method", "lora_avg", list(merge_study.ALIASES) + list(merge_study.METHODS),
+                  "Pair merge: lora_avg (factor averaging, paper A), lora_product, weight_avg, "
+                  "task_arithmetic, ties, dare.")
+flags.DEFINE_float("lam", None, "λ of task_arithmetic / ties / dare (library default 1.0).")
+flags.DEFINE_float("k", None, "TIES: kept fraction in (0, 1] (library default 0.2).")
+flags.DEFINE_enum("granularity", None, ["global", "per_tensor"], "TIES trimming granularity.")
+flags.DEFINE_float("drop_rate", None, "DARE drop probability.")
+flags.DEFINE_integer("refactor_rank", None, "lora_product: re-factorise to this rank by SVD.")
+flags.DEFINE_list("analyses", ["pairs"], f"Any of {', '.join(merge_study.ANALYSES)}.")
+flags.DEFINE_string("score", "main", "Score: main (the task's main metric), a metric name, "
+                    "or neg_loss.")
+flags.DEFINE_list("modules", ["query", "value"], "Modules of the distance tables.")
+flags.DEFINE_list("kplus", ["5"], "k+ columns of the main table (all k are in the JSON).")
+flags.DEFINE_list("topk", ["0.05", "0.1", "0.2", "0.5", "1.0"], "Top-k sweep fractions.")
+flags.DEFINE_list("multitask_methods", None, "Methods of the multi-task merges "
+                  "(default: every method that applies).")
+flags.DEFINE_integer("top_k", None, "Dense Grassmann: top-k singular subspaces (full FT).")
+flags.DEFINE_integer("chunk_size", 16, "Merged models per stacked forward.")
+flags.DEFINE_integer("seed", 0, "Seed of subset choices.")
+flags.DEFINE_string("out", "out/merge", "Output directory.")
+flags.DEFINE_bool("figures", True, "Draw the figures.")
+
+
+def expand(patterns):
+  paths = []
+  for p in patterns:
+    hits = sorted(glob.glob(p))
+    if not hits:
+      raise app.UsageError(f"--runs: nothing matches {p!r}.")
+    paths.extend(hits)
+  return paths
+
+
+def main(argv):
+  del argv
+  if not FLAGS.runs:
+    raise app.UsageError("--runs is required: finished finetune run directories.")
+  method = merge_study.resolve_method(FLAGS.method)
+  kw = {"lam": FLAGS.lam, "k": FLAGS.k, "granularity": FLAGS.granularity,
+        "drop_rate": FLAGS.drop_rate, "refactor_rank": FLAGS.refactor_rank}
+  kw = {k: v for k, v in kw.items() if v is not None}
+  srcs = sources.load_sources(expand(FLAGS.runs))
+  res = merge_study.run_study(
+      srcs, FLAGS.out, method, analyses=FLAGS.analyses, score=FLAGS.score,
+      modules=FLAGS.modules, kplus=[int(k) for k in FLAGS.kplus],
+      topk_ks=[float(k) for k in FLAGS.topk], multitask_methods=FLAGS.multitask_methods,
+      seed=FLAGS.seed, top_k=FLAGS.top_k, chunk_size=FLAGS.chunk_size,
+      figures=FLAGS.figures, **kw)
+  print(f"{len(srcs)} runs, {res['evaluations']} new evaluations -> {FLAGS.out}")
+  for m, grid in res.get("pairs", {}).items():
+    print(f"\n{m}:\n" + merge_study.table3_markdown(grid["spearman"],
+                                                    [int(k) for k in FLAGS.kplus]))
+
+
+if __name__ == "__main__":
+  app.run(main)
