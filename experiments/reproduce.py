@@ -1,0 +1,48 @@
+r"""Run the whole study and write report.md / report.html.
+
+  python -m experiments.reproduce                      # offline: embedded base, synthetic suite
+  python -m experiments.reproduce --preset=paper       # roberta-base + hub tasks (GPU/TPU)
+  python -m experiments.reproduce --preset=paper --dry_run   # the plan, offline
+
+Rerunning the same command resumes: finished steps (runs, grids, studies) are skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+from tvgeo_jax import reproduce
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", "offline", list(reproduce.PRESETS), "Study preset.")
+flags.DEFINE_string("out", None, "Output directory (default out/<preset>).")
+flags.DEFINE_bool("dry_run", False, "Print the plan (runs, steps, FLOPs, memory) and exit.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods).")
+flags.DEFINE_bool("progress", True, "Show the overall progress bar.")
+flags.DEFINE_string("compilation_cache", "default",
+                    "XLA compilation cache ('default': under the tvgeo_jax cache; '' disables).")
+
+
+def main(argv):
+  del argv
+  preset = reproduce.get_preset(FLAGS.preset)
+  if FLAGS.dry_run:
+    print(json.dumps(reproduce.dry_run_plan(preset), indent=2))
+    return
+  from tvgeo_jax.training import compile_cache, sharding
+  if FLAGS.multihost:
+    sharding.initialize_multihost()
+  cache = FLAGS.compilation_cache
+  compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
+  out = FLAGS.out or os.path.join("out", preset.name)
+  t0 = time.time()
+  reproduce.Pipeline(preset, out).run(progress=FLAGS.progress)
+  print(f"report: {os.path.join(out, 'report.md')} and report.html "
+        f"({(time.time() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,279 @@
+"""The whole study as one resumable pipeline (``python -m experiments.reproduce``).
+
+Steps, each skipped when its outputs exist (so a rerun resumes):
+
+1. ``base``: the pretrained model (the embedded base is built on first use);
+2. ``finetune/<task>/<method>``: every task × method (full FT and LoRA; plus a
+   bottleneck run on the representation task);
+3. ``distances/<method>``: T_d for every task pair × layer (query, value) in one call;
+4. ``merge``: δ(i, j) for LoRA factor and product averaging, Table 3, TIES analyses;
+5. ``representations``: CKA and UMAP of PLM / full / LoRA / bottleneck on one task;
+6. ``one_vs_rest``: multiclass full / LoRA against per-class binary LoRA models;
+7. ``report``: report.md and report.html (figures inlined) with each paper finding
+   checked on the measured numbers.
+
+Presets: ``offline`` (embedded base, synthetic suite, CPU minutes), ``paper``
+(roberta-base, the hub tasks, paper A's recipe; for GPUs/TPUs) and ``smoke`` (a
+three-task cut-down used by the tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from tvgeo_jax import io_utils
+
+STATE_FILE = "pipeline_state.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyPreset:
+  """What one reproduction runs."""
+  name: str
+  model: str
+  tasks: Tuple[str, ...]
+  methods: Tuple[str, ...] = ("full", "lora")
+  train_preset: str = "tiny"
+  # Overrides of the training preset, per method ("*" for all).
+  train_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  repr_task: Optional[str] = None
+  ovr_task: Optional[str] = None
+  distance_top_k: int = 8
+  merge_methods: Tuple[str, ...] = ("lora_factor_average", "lora_product_average")
+  repr_max_examples: int = 500
+  umap: bool = True
+  multitask_max_subsets: int = 3
+
+  def train_config(self, task: str, method: str):
+    from tvgeo_jax.training import presets
+    overrides = dict(self.train_overrides.get("*", {}))
+    overrides.update(self.train_overrides.get(method, {}))
+    return presets.resolve(task, method, self.model, self.train_preset, overrides)
+
+
+def _offline() -> StudyPreset:
+  from tvgeo_jax.data import SYNTH_PAPER_TASKS
+  return StudyPreset(
+      name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS),
+      train_overrides={"*": dict(epochs=6, patience=3, data_scale=0.6, max_seq_len=64,
+                                 progress=False, checkpoint_every=100000),
+                       "full": dict(learning_rate=1e-3),
+                       "lora": dict(learning_rate=5e-3),
+                       "bottleneck": dict(learning_rate=3e-3)},
+      repr_task="synth_mrpc", ovr_task="synth_authorship")
+
+
+def _paper() -> StudyPreset:
+  from tvgeo_jax.data import PAPER_TASKS
+  return StudyPreset(name="paper", model="roberta-base", tasks=tuple(PAPER_TASKS),
+                     train_preset="paper", repr_task="mrpc", ovr_task=None,
+                     repr_max_examples=2000)
+
+
+def _smoke() -> StudyPreset:
+  """Three tasks, one short epoch each, no representation/one-vs-rest steps (those have
+  their own end-to-end tests): the pipeline's plumbing in about a minute."""
+  return StudyPreset(
+      name="smoke", model="tiny", tasks=("synth_sst2", "synth_yelp", "synth_mrpc"),
+      train_overrides={"*": dict(epochs=1, patience=0, data_scale=0.1, max_seq_len=32,
+                                 batch_size=16, progress=False, checkpoint_every=100000)},
+      repr_task=None, ovr_task=None, multitask_max_subsets=1)
+
+
+PRESETS: Dict[str, Callable[[], StudyPreset]] = {
+    "offline": _offline, "paper": _paper, "smoke": _smoke}
+
+
+def get_preset(name: str) -> StudyPreset:
+  if name not in PRESETS:
+    raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+  return PRESETS[name]()
+
+
+# --- the plan --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Step:
+  name: str
+  run: Callable[[], Any]
+  done: Callable[[], bool]
+
+
+class Pipeline:
+  """Builds the step list for a preset and output directory, and runs it."""
+
+  def __init__(self, preset: StudyPreset, out_dir: str):
+    self.preset = preset
+    self.out = os.path.abspath(out_dir)
+
+  # paths
+  def run_dir(self, task: str, method: str) -> str:
+    return os.path.join(self.out, "runs", task, method)
+
+  def finetune_jobs(self) -> List[Tuple[str, str]]:
+    jobs = [(t, m) for t in self.preset.tasks for m in self.preset.methods]
+    if self.preset.repr_task:
+      for m in ("full", "lora", "bottleneck"):
+        if (self.preset.repr_task, m) not in jobs:
+          jobs.append((self.preset.repr_task, m))
+    return jobs
+
+  def steps(self) -> List[Step]:
+    from tvgeo_jax import runs
+    p = self.preset
+    steps = [Step("base", self._base, lambda: False)]
+    for task, method in self.finetune_jobs():
+      d = self.run_dir(task, method)
+      steps.append(Step(f"finetune {task} {method}",
+                        lambda t=task, m=method: self._finetune(t, m),
+                        lambda d=d: runs.is_finished(d)))
+    for method in p.methods:
+      out = os.path.join(self.out, "distances", method)
+      steps.append(Step(f"distances {method}", lambda m=method: self._distances(m),
+                        lambda o=out: os.path.exists(os.path.join(o, "distances.json"))))
+    merge_out = os.path.join(self.out, "merge")
+    steps.append(Step("merge", self._merge,
+                      lambda: os.path.exists(os.path.join(merge_out, "summary.json"))))
+    if p.repr_task:
+      ro = os.path.join(self.out, "representations")
+      steps.append(Step("representations", self._representations,
+                        lambda: os.path.exists(os.path.join(ro, "summary.json"))))
+    if p.ovr_task:
+      oo = os.path.join(self.out, "one_vs_rest")
+      steps.append(Step("one_vs_rest", self._one_vs_rest,
+                        lambda: os.path.exists(os.path.join(oo, "summary.json"))))
+    steps.append(Step("report", self._report, lambda: False))
+    return steps
+
+  def run(self, progress: bool = True) -> Dict[str, Any]:
+    from tqdm.auto import tqdm
+    steps = self.steps()
+    state_path = os.path.join(self.out, STATE_FILE)
+    state = io_utils.read_json(state_path) if os.path.exists(state_path) else {"steps": {}}
+    t0 = time.time()
+    bar = tqdm(steps, desc=f"reproduce ({self.preset.name})", disable=None if progress else True,
+               unit="step")
+    for i, step in enumerate(bar):
+      bar.set_postfix_str(step.name)
+      if step.done():
+        logging.info("[%d/%d] %s: done already, skipped", i + 1, len(steps), step.name)
+        continue
+      logging.info("[%d/%d] %s ...", i + 1, len(steps), step.name)
+      t = time.time()
+      step.run()
+      state["steps"][step.name] = {"seconds": round(time.time() - t, 1)}
+      io_utils.atomic_write_json(state_path, state)
+    state["last_total_seconds"] = round(time.time() - t0, 1)
+    io_utils.atomic_write_json(state_path, state)
+    return state
+
+  # --- steps ---------------------------------------------------------------------
+  def _base(self):
+    if self.preset.model == "embedded":
+      from tvgeo_jax import embedded
+      embedded.ensure_embedded_base()
+
+  def _finetune(self, task: str, method: str):
+    from tvgeo_jax.training import loop
+    loop.finetune(self.preset.train_config(task, method), self.run_dir(task, method))
+
+  def _sources(self, method: str, tasks: Optional[Sequence[str]] = None):
+    from tvgeo_jax import sources
+    tasks = tasks or self.preset.tasks
+    return sources.load_sources([self.run_dir(t, method) for t in tasks])
+
+  def _distances(self, method: str):
+    from tvgeo_jax import geometry, sources
+    srcs = self._sources(method)
+    stacks = sources.module_stacks(srcs, ("query", "value"))
+    lora_kind = method == "lora"
+    grids = geometry.distance_grids(
+        stacks, task_names=[s.name for s in srcs],
+        factors=("product", "a", "b") if lora_kind else ("product",),
+        top_k=None if lora_kind else self.preset.distance_top_k)
+    geometry.write_distance_outputs(os.path.join(self.out, "distances", method), grids,
+                                    kplus_figures=_kplus_for(srcs[0].config.num_hidden_layers))
+
+  def _merge(self):
+    from tvgeo_jax import merge_study
+    srcs = self._sources("lora")
+    merge_study.run_study(srcs, os.path.join(self.out, "merge"),
+                          methods=self.preset.merge_methods,
+                          multitask_max_subsets=self.preset.multitask_max_subsets)
+
+  def _representations(self):
+    from tvgeo_jax import representations
+    t = self.preset.repr_task
+    representations.run_study(
+        [self.run_dir(t, m) for m in ("full", "lora", "bottleneck")],
+        os.path.join(self.out, "representations"), max_examples=self.preset.repr_max_examples,
+        umap=self.preset.umap)
+
+  def _one_vs_rest(self):
+    from tvgeo_jax import one_vs_rest
+    p = self.preset
+    one_vs_rest.run_study(p.ovr_task, os.path.join(self.out, "one_vs_rest"), model=p.model,
+                          overrides_for=lambda method: {
+                              **p.train_overrides.get("*", {}),
+                              **p.train_overrides.get(method, {})},
+                          train_preset=p.train_preset)
+
+  def _report(self):
+    from tvgeo_jax import report
+    report.write_report(self)
+
+
+def _kplus_for(num_layers: int) -> Tuple[int, ...]:
+  """Paper A's best range is 5+ of 12 layers; keep the same share of a deeper/shallower model."""
+  return (max(1, min(num_layers, round(5 * num_layers / 12))),)
+
+
+# --- dry run ---------------------------------------------------------------------
+
+# Paper A, Table 1: train sizes (GLUE dev / test sizes are not trained on).
+PAPER_TRAIN_SIZES = {"cola": 8551, "mrpc": 3668, "rte": 2490, "qnli": 104743, "qqp": 363846,
+                     "mnli": 392702, "sst2": 67349, "snli": 550152, "yelp": 560000,
+                     "imdb": 25000}
+
+
+def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
+  """Runs, optimizer steps, FLOPs and memory, computed offline from the architecture.
+
+  Training FLOPs per token ≈ 6 × (non-embedding parameters) + 12 × layers × seq ×
+  hidden (attention scores and mixing), an upper bound since every sequence is
+  counted at ``max_seq_len``; early stopping usually ends runs sooner.
+  """
+  from tvgeo_jax.models import EncoderConfig
+  config = EncoderConfig() if preset.model in ("roberta-base", "embedded-roberta-base") else None
+  if config is None:
+    from tvgeo_jax.models import load_pretrained
+    config, _ = load_pretrained(preset.model)
+  h, l, f, v = (config.hidden_size, config.num_hidden_layers, config.intermediate_size,
+                config.vocab_size)
+  layer_params = 4 * h * h + 2 * h * f
+  dense = l * layer_params + h * h  # + classifier dense
+  total = dense + (v + config.max_position_embeddings + config.type_vocab_size) * h
+  runs, total_flops = [], 0.0
+  for task, method in Pipeline(preset, "/dev/null").finetune_jobs():
+    tc = preset.train_config(task, method)
+    name = task.replace("synth_", "")
+    n_train = int(PAPER_TRAIN_SIZES.get(name, 10000) * 0.9)
+    steps_per_epoch = -(-n_train // tc.batch_size)
+    tokens = tc.epochs * n_train * tc.max_seq_len
+    per_token = 6 * dense + 12 * l * tc.max_seq_len * h
+    if method != "full":  # frozen weights: no weight gradients (~1/3 less)
+      per_token = 4 * dense + 12 * l * tc.max_seq_len * h
+    flops = per_token * tokens
+    total_flops += flops
+    runs.append({"task": task, "method": method, "max_steps": tc.epochs * steps_per_epoch,
+                 "epochs": tc.epochs, "batch_size": tc.batch_size, "train_examples": n_train,
+                 "tflops_upper_bound": round(flops / 1e12, 1)})
+  act = 20 * 128 * h * l * 4 * 16  # batch 20, seq 128: ~16 saved activations per layer
+  memory = {"params_fp32_mb": round(total * 4 / 2**20), "adam_full_ft_mb": round(total * 12 / 2**20),
+            "activations_batch20_seq128_mb": round(act / 2**20)}
+  return {"preset": preset.name, "model": preset.model, "runs": runs, "num_runs": len(runs),
+          "total_pflops_upper_bound": round(total_flops / 1e15, 2), "memory": memory,
+          "h100_hours_at_40pct_mfu": round(total_flops / (0.4 * 989e12) / 3600, 2)}
