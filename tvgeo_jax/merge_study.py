@@ -171,7 +171,7 @@ def study_tag(method: str, kw: Mapping[str, Any]) -> str:
 
 def open_cache(out_dir: Optional[str], srcs: Sequence[sources.Source]) -> EvalCache:
   """One cache per set of runs: ``OUT/cache/evaluations.json``."""
-  meta = {"runs": [s.path for s in srcs], "names": [s.name for s in srcs]}
+  meta = {"runs": sorted(f"{s.name}={s.path}" for s in srcs)}   # order-independent
   path = os.path.join(out_dir, "cache", "evaluations.json") if out_dir else None
   return EvalCache(path, meta)
 
