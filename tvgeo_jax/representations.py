@@ -17,12 +17,15 @@ per layer we take the first token (or the token mean) and compare:
 ``extract_representations`` maps models to ``[L + 1, n, d]`` stacks; ``analyse`` turns
 stacks into numbers and figures; ``run_study`` does both from run directories.
 Everything is seeded (example subset, UMAP, k-means): the same seed gives identical
-numbers and figures.
+numbers and figures. CKA is NaN (written as ``NaN`` in the JSON) where a model's
+features are constant over the examples: with ``token="first"`` this is layer 0, the
+embeddings of the first token (<s> / [CLS] at position 0), identical for every example.
 """
 from __future__ import annotations
 
 import collections
 import os
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -165,8 +168,10 @@ def analyse(reps: Mapping[str, np.ndarray], out_dir: str, *, layers: Optional[Se
   n = int(np.shape(reps[names[0]])[1])
 
   matrices = pairwise_matrices(reps, estimator, cka_batch_size)
-  cka_out = {f"{a}|{b}": {"a": a, "b": b, "matrix": np.asarray(m).tolist(),
-                          "summary": ua.cka_summary(m)} for (a, b), m in matrices.items()}
+  with warnings.catch_warnings():  # all-NaN rows (constant features) warn in nanpercentile
+    warnings.simplefilter("ignore", RuntimeWarning)
+    cka_out = {f"{a}|{b}": {"a": a, "b": b, "matrix": np.asarray(m).tolist(),
+                            "summary": ua.cka_summary(m)} for (a, b), m in matrices.items()}
   io_utils.atomic_write_json(os.path.join(out_dir, CKA_JSON),
                              {"estimator": estimator, "batch_size": cka_batch_size,
                               "num_examples": n, "models": names, "pairs": cka_out})
