@@ -28,6 +28,6 @@ setup(
     extras_require={
         # torch is pinned to the CPU build that the project's machines carry on disk:
         # an unpinned torch (pulled in by peft) would download a multi-GB CUDA build.
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.13", "chex>=0.1.87"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13", "chex>=0.1.87"],
     },
 )
