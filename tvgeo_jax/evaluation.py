@@ -49,6 +49,11 @@ def task_data(train_config) -> loop.TrainingData:
   return _DATA_CACHE[key]
 
 
+def set_task_data(train_config, data: loop.TrainingData) -> None:
+  """Use ``data`` for ``train_config``'s key (in-memory tasks: benchmarks, fixtures)."""
+  _DATA_CACHE[data_key(train_config)] = data
+
+
 def clear_cache() -> None:
   """Forget cached data and compiled steps (e.g. between unrelated studies)."""
   _DATA_CACHE.clear()
