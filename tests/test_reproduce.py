@@ -1,0 +1,79 @@
+"""A cut-down reproduction end to end (three tasks, one short epoch), and the dry-run plan."""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+import numpy as np
+
+from tvgeo_jax import io_utils, reproduce, runs
+
+
+class SmokeReproductionTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.out = tempfile.mkdtemp()
+    cls.pipe = reproduce.Pipeline(reproduce.get_preset("smoke"), cls.out)
+    cls.state = cls.pipe.run(progress=False)
+    with open(os.path.join(cls.out, "report.md")) as f:
+      cls.report = f.read()
+
+  def test_every_step_ran_and_wrote_its_outputs(self):
+    p = self.pipe.preset
+    for task in p.tasks:
+      for method in p.methods:
+        self.assertTrue(runs.is_finished(self.pipe.run_dir(task, method)), (task, method))
+    for method in p.methods:
+      z = np.load(os.path.join(self.out, "distances", method, "distances.npz"))
+      self.assertEqual(z["value/product/cosine"].shape[:2], (3, 3))
+    self.assertTrue(os.path.exists(os.path.join(self.out, "merge", "summary.json")))
+    self.assertTrue(os.path.exists(os.path.join(self.out, "report.html")))
+
+  def test_table2_is_filled_from_the_saved_results(self):
+    table = self.report.split("## Table 2")[1].split("##")[0]
+    for task in self.pipe.preset.tasks:
+      row = [l for l in table.splitlines() if l.startswith(f"| {task} ")]
+      self.assertLen(row, 1)
+      cells = [c.strip() for c in row[0].strip("|").split("|")][1:]
+      for method, cell in zip(self.pipe.preset.methods, cells):
+        res = io_utils.read_json(os.path.join(self.pipe.run_dir(task, method), runs.RESULTS))
+        self.assertEqual(cell, f"{100 * res['metrics']['test']['main']:.2f}")
+
+  def test_findings_and_table3_are_in_the_report(self):
+    self.assertIn("cosine groups better than L2", self.report)
+    self.assertIn("B closer to BA than A", self.report)
+    self.assertIn("Spearman ρ between δ(i, ·) and T̄_d(i, ·)", self.report)
+    self.assertRegex(self.report, r"mean ρ L2 (-?\d\.\d\d|nan), cos")
+    with open(os.path.join(self.out, "report.html")) as f:
+      page = f.read()
+    self.assertIn("data:image/png;base64,", page)  # figures inlined: self-contained
+    self.assertNotRegex(page, r'<img src="(?!data:)')
+
+  def test_rerun_skips_finished_steps(self):
+    state = reproduce.Pipeline(self.pipe.preset, self.out).run(progress=False)
+    # Only the report is rebuilt; every other step was found done.
+    self.assertLess(state["last_total_seconds"], 30)
+
+
+class DryRunTest(absltest.TestCase):
+
+  def test_paper_plan_offline(self):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--preset=paper",
+                          "--dry_run"], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+    self.assertIn('"num_runs": 21', out.stdout)
+    self.assertRegex(out.stdout, r'"total_pflops_upper_bound": \d+')
+
+  def test_unknown_preset(self):
+    with self.assertRaisesRegex(ValueError, "Unknown preset 'x'; choose one of offline"):
+      reproduce.get_preset("x")
+
+
+if __name__ == "__main__":
+  absltest.main()
