@@ -11,8 +11,6 @@ and dendrograms (Figure 4: A, B and BA).
 """
 from __future__ import annotations
 
-import glob
-
 from absl import app, flags, logging
 
 from tvgeo_jax import geometry, sources
@@ -34,21 +32,11 @@ flags.DEFINE_list("kplus_figures", ["5"], "Also draw PCA figures of these k+ lay
 flags.DEFINE_bool("figures", True, "Draw the figures.")
 
 
-def expand(patterns):
-  paths = []
-  for p in patterns:
-    hits = sorted(glob.glob(p))
-    if not hits:
-      raise app.UsageError(f"--runs: nothing matches {p!r}.")
-    paths.extend(hits)
-  return paths
-
-
 def main(argv):
   del argv
   if not FLAGS.runs:
     raise app.UsageError("--runs is required: finetune run or peft adapter directories.")
-  srcs = sources.load_sources(expand(FLAGS.runs), base=FLAGS.base)
+  srcs = sources.load_sources(sources.expand_paths(FLAGS.runs), base=FLAGS.base)
   stacks = sources.module_stacks(srcs, FLAGS.modules, kind=FLAGS.kind)
   is_lora = all(isinstance(s, tuple) for s in stacks.values())
   factors = FLAGS.factors if is_lora else ["product"]

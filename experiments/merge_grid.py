@@ -11,8 +11,6 @@ See ``tvgeo_jax.merge_study`` for the files written.
 """
 from __future__ import annotations
 
-import glob
-
 from absl import app, flags
 
 from tvgeo_jax import merge_study, sources
@@ -42,16 +40,6 @@ flags.DEFINE_string("out", "out/merge", "Output directory.")
 flags.DEFINE_bool("figures", True, "Draw the figures.")
 
 
-def expand(patterns):
-  paths = []
-  for p in patterns:
-    hits = sorted(glob.glob(p))
-    if not hits:
-      raise app.UsageError(f"--runs: nothing matches {p!r}.")
-    paths.extend(hits)
-  return paths
-
-
 def main(argv):
   del argv
   if not FLAGS.runs:
@@ -60,7 +48,7 @@ def main(argv):
   kw = {"lam": FLAGS.lam, "k": FLAGS.k, "granularity": FLAGS.granularity,
         "drop_rate": FLAGS.drop_rate, "refactor_rank": FLAGS.refactor_rank}
   kw = {k: v for k, v in kw.items() if v is not None}
-  srcs = sources.load_sources(expand(FLAGS.runs))
+  srcs = sources.load_sources(sources.expand_paths(FLAGS.runs))
   res = merge_study.run_study(
       srcs, FLAGS.out, method, analyses=FLAGS.analyses, score=FLAGS.score,
       modules=FLAGS.modules, kplus=[int(k) for k in FLAGS.kplus],

@@ -74,8 +74,14 @@ def factor_resemblance(d_a: np.ndarray, d_b: np.ndarray, d_ba: np.ndarray) -> Di
 def fading_similarity(diagonal: Sequence[float]) -> Dict[str, object]:
   """Paper B: PLM vs FT similarity per layer fades from ~1 towards the top."""
   x = np.asarray(diagonal, dtype=np.float64)
-  rho = stats.spearmanr(np.arange(len(x)), x).statistic if len(x) > 2 else float("nan")
+  layers = np.flatnonzero(np.isfinite(x))  # e.g. layer 0 is NaN with a constant first token
+  if len(layers) < 2:
+    return {"first": float("nan"), "last": float("nan"), "trend_rho": float("nan"),
+            "first_layer": None, "fades": False}
+  x = x[layers]
+  rho = stats.spearmanr(layers, x).statistic if len(x) > 2 else float("nan")
   return {"first": float(x[0]), "last": float(x[-1]), "trend_rho": float(rho),
+          "first_layer": int(layers[0]),
           "fades": bool(x[-1] < x[0] and (np.isnan(rho) or rho < 0))}
 
 

@@ -107,21 +107,9 @@ def training_data(splits: Mapping[str, tuple], config, label_names: Sequence[str
   Batching as ``training.data_source.task_data`` (shuffled from (seed, epoch), length
   buckets, this host's slice of every global batch).
   """
-  import jax
-  from tvgeo_jax import data
-  from tvgeo_jax.training.loop import TrainingData
-  tokenizer = data.load_tokenizer(config.model)
-  enc = {s: data.encode(tokenizer, *splits[s], max_length=config.max_seq_len)
-         for s in data.SPLITS}
-  hosts = dict(host_index=jax.process_index(), host_count=jax.process_count())
-  train = data.Batches(enc["train"], config.batch_size, shuffle=True, seed=config.seed, **hosts)
-  evals = {s: data.Batches(enc[s], config.eval_batch_size, **hosts)
-           for s in ("validation", "test")}
-  return TrainingData(
-      num_labels=len(label_names), is_regression=False, label_names=tuple(label_names),
-      metrics=tuple(metrics), main_metric=main_metric, train_batches=train.epoch,
-      num_train_batches=len(train), eval_batches=lambda split: evals[split].epoch(0),
-      train_labels=enc["train"].labels)
+  from tvgeo_jax.training.data_source import from_splits
+  return from_splits(splits, config, num_labels=len(label_names), is_regression=False,
+                     label_names=label_names, metrics=metrics, main_metric=main_metric)
 
 
 # --- scoring -----------------------------------------------------------------------------

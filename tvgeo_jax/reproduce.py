@@ -45,7 +45,7 @@ class StudyPreset:
   merge_methods: Tuple[str, ...] = ("lora_factor_average", "lora_product_average")
   repr_max_examples: int = 500
   umap: bool = True
-  multitask_max_subsets: int = 3
+  multitask_methods: Tuple[str, ...] = ("lora_factor_average", "task_arithmetic", "ties")
 
   def train_config(self, task: str, method: str):
     from tvgeo_jax.training import presets
@@ -58,7 +58,7 @@ def _offline() -> StudyPreset:
   from tvgeo_jax.data import SYNTH_PAPER_TASKS
   return StudyPreset(
       name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS),
-      train_overrides={"*": dict(epochs=6, patience=3, data_scale=0.6, max_seq_len=64,
+      train_overrides={"*": dict(epochs=6, patience=3, data_scale=0.5, max_seq_len=64,
                                  progress=False, checkpoint_every=100000),
                        "full": dict(learning_rate=1e-3),
                        "lora": dict(learning_rate=5e-3),
@@ -80,7 +80,7 @@ def _smoke() -> StudyPreset:
       name="smoke", model="tiny", tasks=("synth_sst2", "synth_yelp", "synth_mrpc"),
       train_overrides={"*": dict(epochs=1, patience=0, data_scale=0.1, max_seq_len=32,
                                  batch_size=16, progress=False, checkpoint_every=100000)},
-      repr_task=None, ovr_task=None, multitask_max_subsets=1)
+      repr_task=None, ovr_task=None)
 
 
 PRESETS: Dict[str, Callable[[], StudyPreset]] = {
@@ -204,7 +204,8 @@ class Pipeline:
     layers = srcs[0].config.num_hidden_layers
     res = merge_study.run_study(srcs, out, "lora_factor_average",
                                 analyses=("pairs", "ties", "topk", "multitask"),
-                                kplus=_kplus_for(layers))
+                                kplus=_kplus_for(layers),
+                                multitask_methods=self.preset.multitask_methods)
     md = []
     for name in ("table3_lora_factor_average.md", "lora_merges.md"):
       path = os.path.join(out, name)
@@ -295,15 +296,16 @@ def representation_findings(res: Mapping[str, Any]) -> List[str]:
     if "plm" in pair.lower() and "full" in pair.lower():
       f = findings.fading_similarity(d)
       lines.append(f"(paper B: PLM vs FT similarity fades from ~1 to ~0.2 across layers): "
-                   f"layer-wise CKA {f['first']:.2f} → {f['last']:.2f} — fades: "
+                   f"layer-wise CKA {f['first']:.2f} (layer {f['first_layer']}) → "
+                   f"{f['last']:.2f} (last layer), Spearman trend {f['trend_rho']:.2f} — fades: "
                    f"{'yes' if f['fades'] else 'no'}.")
   full = [d for p, d in diag.items() if "plm" in p.lower() and "full" in p.lower()]
   bn = [d for p, d in diag.items() if "plm" in p.lower() and "bottleneck" in p.lower()]
   if full and bn:
     h = max(1, len(full[0]) // 2)
-    a, b = float(np.mean(bn[0][:h])), float(np.mean(full[0][:h]))
+    a, b = float(np.nanmean(bn[0][:h + 1])), float(np.nanmean(full[0][:h + 1]))
     lines.append(f"(paper B: bottleneck adapters stay closer to the PLM in early layers): mean "
-                 f"CKA to PLM over the first {h} layers BN {a:.2f} vs FT {b:.2f} — "
+                 f"CKA to PLM over layers ≤ {h} (NaN layers skipped) BN {a:.2f} vs FT {b:.2f} — "
                  f"{'yes' if a > b else 'no'}.")
   return lines
 

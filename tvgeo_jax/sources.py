@@ -78,6 +78,18 @@ def _adapter_num_labels(path: str) -> Optional[int]:
   return None
 
 
+def expand_paths(patterns: Sequence[str]) -> List[str]:
+  """Expand shell-style globs (sorted); a pattern matching nothing is an error."""
+  import glob
+  paths = []
+  for p in patterns:
+    hits = sorted(glob.glob(p))
+    if not hits:
+      raise ValueError(f"--runs: nothing matches {p!r}; pass run or adapter directories.")
+    paths.extend(hits)
+  return paths
+
+
 def load_sources(paths: Sequence[str], base: Optional[str] = None,
                  with_base: bool = True) -> List[Source]:
   """Load several sources; names are made unique (``task``, ``task#2`` …)."""
