@@ -170,7 +170,7 @@ class AdaptersTest(parameterized.TestCase):
     # The frozen split holds every base weight except norms and head, and no adapter.
     fk = set(trees.flatten(frozen_after))
     self.assertIn(("encoder", "layer_0", "query", "kernel"), fk)
-    self.assertFalse(any(adapters._is_adapter_path(k) for k in fk))
+    self.assertFalse(any(adapters.is_adapter_path(k) for k in fk))
     self.assertFalse(any(k[0] == "classifier" for k in fk))
 
 

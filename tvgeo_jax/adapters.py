@@ -29,13 +29,14 @@ from tvgeo_jax.models.config import EncoderConfig
 ADAPTER_NAMES = ("attention_adapter", "output_adapter")
 
 
-def _is_adapter_path(path) -> bool:
+def is_adapter_path(path) -> bool:
+  """True for leaves under ``attention_adapter`` / ``output_adapter``."""
   return any(p in ADAPTER_NAMES for p in path)
 
 
 def has_adapters(params: Mapping) -> bool:
   """True if any layer of ``params`` carries a bottleneck adapter."""
-  return any(_is_adapter_path(p) for p in trees.flatten(params))
+  return any(is_adapter_path(p) for p in trees.flatten(params))
 
 
 def bottleneck_size_for(hidden_size: int, size: Optional[int] = None,
@@ -127,19 +128,19 @@ def inject_bottleneck(params: Mapping, config: EncoderConfig, *, size: Optional[
 def strip_adapters(params: Mapping) -> dict:
   """A copy of ``params`` without adapter sub-trees (the base model's tree)."""
   return trees.unflatten({p: v for p, v in trees.flatten(params).items()
-                          if not _is_adapter_path(p)})
+                          if not is_adapter_path(p)})
 
 
 def adapter_params(params: Mapping) -> dict:
   """Only the adapter leaves, in the same nested layout (``encoder/layer_i/...``)."""
   return trees.unflatten({p: v for p, v in trees.flatten(params).items()
-                          if _is_adapter_path(p)})
+                          if is_adapter_path(p)})
 
 
 def adapter_size(params: Mapping) -> int:
   """The bottleneck width m of the adapters in ``params`` (the same in every adapter)."""
   sizes = {np.shape(v)[-1] for p, v in trees.flatten(params).items()
-           if _is_adapter_path(p) and p[-2:] == ("down", "kernel")}
+           if is_adapter_path(p) and p[-2:] == ("down", "kernel")}
   if not sizes:
     raise ValueError("params carries no bottleneck adapters; use inject_bottleneck first.")
   if len(sizes) > 1:
@@ -150,4 +151,4 @@ def adapter_size(params: Mapping) -> int:
 def count_adapter_parameters(params: Mapping) -> int:
   """Number of adapter scalars: 2·L·(2·hidden·m + m + hidden) for L layers."""
   return int(sum(np.size(v) for p, v in trees.flatten(params).items()
-                 if _is_adapter_path(p)))
+                 if is_adapter_path(p)))
