@@ -189,7 +189,8 @@ def plot_cka_heatmaps(matrices: Mapping[Any, Any], path: str, title: str = "Line
     raise ValueError("No CKA matrix to plot.")
   plt = _figure_module()
   nrows, ncols = _grid(len(matrices), ncols)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.4 * nrows), squeeze=False)
+  fig.subplots_adjust(hspace=0.45, wspace=0.35)  # room for each panel's title and x label
   image = None
   for ax, (key, m) in zip(axes.ravel(), matrices.items()):
     a, b = key if isinstance(key, tuple) and len(key) == 2 else ("", "")
