@@ -58,7 +58,7 @@ def _offline() -> StudyPreset:
   from tvgeo_jax.data import SYNTH_PAPER_TASKS
   return StudyPreset(
       name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS),
-      train_overrides={"*": dict(epochs=6, patience=3, data_scale=0.5, max_seq_len=64,
+      train_overrides={"*": dict(epochs=5, patience=3, data_scale=0.5, max_seq_len=64,
                                  progress=False, checkpoint_every=100000),
                        "full": dict(learning_rate=1e-3),
                        "lora": dict(learning_rate=5e-3),
