@@ -393,10 +393,14 @@ def multitask(srcs, configs, cache: EvalCache, methods: Sequence[str], *, score:
             cache.put({keys[s.name]: evaluation.evaluate(merging.with_head(body, s.params),
                                                           s.config, c, "test")})
       scores = {s.name: score_of(cache[keys[s.name]], score) for s in subset}
-      norm = [scores[k] / single[k] if single[k] != 0 else float("nan") for k in scores]
+      # A task whose single-task score is 0 (e.g. MCC) has no normalised score: it is
+      # left out of the mean (and counted), not allowed to turn the whole mean into NaN.
+      norm = np.array([scores[k] / single[k] if single[k] != 0 else np.nan for k in scores])
+      finite = np.isfinite(norm)
       rows.append({"n": n, "tasks": list(scores), "scores": scores,
                    "mean_score": float(np.mean(list(scores.values()))),
-                   "mean_normalised": float(np.mean(norm))})
+                   "mean_normalised": float(np.mean(norm[finite])) if finite.any() else float("nan"),
+                   "num_unnormalisable": int((~finite).sum())})
     out["methods"][method] = {"options": kw, "rows": rows}
   return out
 
