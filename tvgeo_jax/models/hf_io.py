@@ -15,7 +15,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import jax
 import numpy as np
 
-from tvgeo_jax import io_utils
+from tvgeo_jax import io_utils, trees
 from tvgeo_jax.models.config import EncoderConfig, tiny_config
 from tvgeo_jax.models.encoder import Encoder
 
@@ -78,18 +78,6 @@ def head_names(config: EncoderConfig, head: str) -> Iterator[Tuple[Path, str, bo
     yield from _linear(("mlm_head", "dense"), dense)
     yield from _norm(("mlm_head", "layer_norm"), norm)
     yield ("mlm_head", "bias"), f"{base}.bias", False
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
 
 
 def init_params(config: EncoderConfig, head: str = "classification", seed: int = 0,
@@ -168,7 +156,7 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
   for group, entries in (("backbone", backbone_names(config)), ("head", heads)):
     head_missing = []
     for ours, theirs, transpose in entries:
-      want = _get(fresh, ours)
+      want = trees.get_path(fresh, ours)
       if theirs not in state and theirs.endswith(".weight") and "LayerNorm" in theirs:
         theirs = theirs[:-len("weight")] + "gamma"  # old BERT checkpoints
       if theirs not in state and theirs.endswith(".bias") and "LayerNorm" in theirs \
@@ -176,7 +164,7 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
         theirs = theirs[:-len("bias")] + "beta"
       if theirs not in state:
         (missing if group == "backbone" else head_missing).append(theirs)
-        _set(params, ours, want)
+        trees.set_path(params, ours, want)
         continue
       value = np.asarray(state[theirs], dtype=np.float32)
       value = value.T if transpose else value
@@ -184,7 +172,7 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
         bad_shape.append(f"{theirs}: checkpoint {value.shape} vs model {want.shape}")
         continue
       used.add(theirs)
-      _set(params, ours, value)
+      trees.set_path(params, ours, value)
     if group == "head" and head_missing:
       logging.info("%s: head weights not in checkpoint, initialised randomly (seed %d): %s",
                    source, seed, ", ".join(head_missing))
@@ -271,10 +259,10 @@ def state_dict_from_params(params: dict, config: EncoderConfig,
   prefix = config.model_type + "."
   state = {}
   for ours, theirs, transpose in backbone_names(config):
-    v = np.asarray(_get(params, ours), dtype=np.float32)
+    v = np.asarray(trees.get_path(params, ours), dtype=np.float32)
     state[prefix + theirs] = np.ascontiguousarray(v.T if transpose else v)
   for ours, theirs, transpose in head_names(config, head):
-    v = np.asarray(_get(params, ours), dtype=np.float32)
+    v = np.asarray(trees.get_path(params, ours), dtype=np.float32)
     state[theirs] = np.ascontiguousarray(v.T if transpose else v)
   return state
 
