@@ -85,16 +85,22 @@ def _int_labels(labels) -> np.ndarray:
   return y.astype(np.int64)
 
 
-def _prepare_classification(predictions_or_logits, labels, weights, label_names):
-  k_names = len(label_names) if label_names else None
-  pred, k = class_predictions(predictions_or_logits, k_names)
-  y = _int_labels(labels)
+def _scored_rows(pred: np.ndarray, y: np.ndarray, weights):
+  """Check predictions and labels align, drop weight-0 (padding) rows, refuse an empty set."""
   if pred.shape[0] != y.shape[0]:
     raise ValueError(f"{pred.shape[0]} predictions but {y.shape[0]} labels.")
   keep = _mask(weights, y.shape[0])
   pred, y = pred[keep], y[keep]
   if y.size == 0:
     raise ValueError("No example left to score (all weights are 0).")
+  return pred, y
+
+
+def _prepare_classification(predictions_or_logits, labels, weights, label_names):
+  k_names = len(label_names) if label_names else None
+  pred, k = class_predictions(predictions_or_logits, k_names)
+  y = _int_labels(labels)
+  pred, y = _scored_rows(pred, y, weights)
   if k is None:
     k = int(max(y.max(), pred.max(), 1)) + 1
   if k_names is not None and k_names != k:
@@ -180,12 +186,7 @@ def compute_metrics(metric_names: Sequence[str], predictions_or_logits, labels,
     if p.ndim != 1:
       raise ValueError(f"Regression predictions must be [n] or [n, 1]; got {p.shape}.")
     y = np.asarray(labels, np.float64).reshape(-1)
-    if p.shape[0] != y.shape[0]:
-      raise ValueError(f"{p.shape[0]} predictions but {y.shape[0]} labels.")
-    keep = _mask(weights, y.shape[0])
-    p, y = p[keep], y[keep]
-    if y.size == 0:
-      raise ValueError("No example left to score (all weights are 0).")
+    p, y = _scored_rows(p, y, weights)
     fns = {"pearson": scipy.stats.pearsonr, "spearman": scipy.stats.spearmanr}
     for m in names:
       out[m] = _correlation(fns[m], p, y)
