@@ -17,6 +17,8 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
+import cka_reference
+
 from tvgeo_jax import representations, runs
 from tvgeo_jax.models import load_pretrained
 from tvgeo_jax.training import methods, presets
@@ -56,18 +58,7 @@ def _write_run(root, method, rng):
 
 def _unbiased_cka64(x, y):
   """Song et al.'s unbiased HSIC in float64, CKA from it (independent of cka.py)."""
-  def hsic(k, l):
-    n = k.shape[0]
-    k, l = k.copy(), l.copy()
-    np.fill_diagonal(k, 0.0)
-    np.fill_diagonal(l, 0.0)
-    one = np.ones(n)
-    return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  k, l = x @ x.T, y @ y.T
-  with np.errstate(invalid="ignore"):  # constant features (layer 0): NaN, as cka.py
-    return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+  return cka_reference.cka_ref(x, y, "unbiased")
 
 
 def _hf_first_token_states(model_dir, batches):
