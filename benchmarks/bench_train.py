@@ -29,17 +29,29 @@ flags.DEFINE_integer("steps", 3, "Timed steps per round.")
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds (the best round counts).")
 flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype.")
-flags.DEFINE_bool("torch", True, "Also time transformers + peft (PyTorch, CPU, float32).")
+flags.DEFINE_bool("torch", True,
+                  "Also time transformers + peft in PyTorch: on CUDA when torch sees a GPU "
+                  "(bfloat16 autocast when --dtype=bfloat16), else on the CPU in float32.")
 flags.DEFINE_list("torch_threads", ["1", "2"],
                   "torch intra-op thread counts to time; the fastest is the reference (on a "
                   "shared CPU, OpenMP spin-waiting can make 2 threads far slower than 1).")
 flags.DEFINE_enum("shape", "roberta-base", ["roberta-base", "tiny"], "Model shape.")
-flags.DEFINE_integer("peak_size", 2048, "Square matmul size for the measured peak.")
+flags.DEFINE_integer("peak_size", 2048, "Square matmul size for the measured peak "
+                     "(8192 fills a GPU).")
+flags.DEFINE_string("profile_dir", None, "Also trace 3 JAX steps per method here "
+                    "(jax.profiler, with a Perfetto JSON trace) after timing.")
+flags.DEFINE_float("dropout", -1.0, "Override hidden and attention dropout (ablation; "
+                   "-1 keeps the model's 0.1). With 0, attention takes the fused kernel.")
+flags.DEFINE_enum("prng_impl", "threefry2x32", ["threefry2x32", "rbg", "unsafe_rbg"],
+                  "Dropout random-number generator of the JAX step.")
 
 
-def model_config(shape: str):
+def model_config(shape: str, dropout: float):
   from tvgeo_jax.models.config import EncoderConfig, tiny_config
-  return EncoderConfig(num_labels=2) if shape == "roberta-base" else tiny_config(num_labels=2)
+  cfg = EncoderConfig(num_labels=2) if shape == "roberta-base" else tiny_config(num_labels=2)
+  if dropout >= 0:
+    cfg = cfg.replace(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+  return cfg
 
 
 def train_flops_per_sequence(cfg, seq_len: int) -> float:
@@ -50,16 +62,38 @@ def train_flops_per_sequence(cfg, seq_len: int) -> float:
   return 3.0 * t * (cfg.num_hidden_layers * per_token_layer + head)
 
 
-def measured_peak(dtype, n: int) -> float:
-  """FLOP/s of a large jitted matmul on the default device."""
-  a = jnp.ones((n, n), dtype)
+def measured_peak(dtype, n: int, chain: int = 8) -> Dict[str, float]:
+  """FLOP/s of large square matmuls on the default device, through JAX and (on a
+  GPU) through PyTorch: random operands (zeros or ones can run faster than real
+  data), ``chain`` products queued per synchronisation, best of 3 one-second runs."""
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  reps, t = 0, time.perf_counter()
-  while reps < 3 or time.perf_counter() - t < 1.0:
-    f(a, a).block_until_ready()
-    reps += 1
-  return 2.0 * n ** 3 * reps / (time.perf_counter() - t)
+
+  def time_it(call, sync):
+    sync(call())
+    best = 0.0
+    for _ in range(3):
+      reps, t = 0, time.perf_counter()
+      while reps < 3 or time.perf_counter() - t < 1.0:
+        outs = [call() for _ in range(chain)]
+        sync(outs[-1])
+        reps += chain
+      best = max(best, 2.0 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
+
+  peaks = {"jax": time_it(lambda: f(a, b), jax.block_until_ready)}
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  if torch is not None and torch.cuda.is_available() and jax.devices()[0].platform == "gpu":
+    tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[jnp.dtype(dtype).name]
+    ta = torch.randn(n, n, device="cuda", dtype=tdt)
+    tb = torch.randn(n, n, device="cuda", dtype=tdt)
+    peaks["torch"] = time_it(lambda: ta @ tb, lambda _: torch.cuda.synchronize())
+  return peaks
 
 
 def make_batch(cfg, b: int, t: int) -> Dict[str, np.ndarray]:
@@ -71,8 +105,8 @@ def make_batch(cfg, b: int, t: int) -> Dict[str, np.ndarray]:
           "labels": rng.integers(0, 2, b).astype(np.int32), "weights": np.ones(b, np.float32)}
 
 
-def build_jax(cfg, method: str, batch, dtype):
-  """(compile seconds, run(n) -> loss): our jitted step at this shape."""
+def build_jax(cfg, method: str, batch, dtype, prng_impl: str):
+  """(compile seconds, run(n) -> loss, run): our jitted step at this shape."""
   from tvgeo_jax import partition
   from tvgeo_jax.models import init_params
   from tvgeo_jax.training import methods as methods_lib, optim, sharding, step as step_lib
@@ -86,7 +120,7 @@ def build_jax(cfg, method: str, batch, dtype):
   box = {"state": sharding.replicate(step_lib.init_state(trainable, tx), mesh)}
   frozen = sharding.replicate(frozen, mesh)
   fn = step_lib.make_train_step(model_config=cfg, optimizer=tx, mesh=mesh,
-                                is_regression=False, dtype=dtype)
+                                is_regression=False, dtype=dtype, prng_impl=prng_impl)
   gbatch = sharding.shard_batch(batch, mesh)
   t0 = time.perf_counter()
   compiled = fn._fn.lower(box["state"], frozen, gbatch).compile()
@@ -101,11 +135,14 @@ def build_jax(cfg, method: str, batch, dtype):
   return compile_s, run
 
 
-def build_torch(cfg, method: str, batch, threads: int):
-  """(first-step seconds, run(n) -> loss): transformers (+ peft) with torch AdamW."""
+def build_torch(cfg, method: str, batch, threads: int, bfloat16: bool):
+  """(first-step seconds, run(n) -> loss): transformers (+ peft) with torch AdamW,
+  on CUDA when available (``bfloat16``: autocast, float32 weights, as our JAX step)."""
+  import contextlib
   import torch
   torch.manual_seed(0)
   torch.set_num_threads(threads)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
   import transformers
   hf = transformers.RobertaConfig(**{k: v for k, v in cfg.to_hf_dict().items()
                                      if k not in ("model_type", "architectures")})
@@ -117,14 +154,18 @@ def build_torch(cfg, method: str, batch, threads: int):
         target_modules=["query", "value"]))
   elif method != "full":
     raise ValueError(f"No PyTorch reference for method {method!r}.")
-  model.train()
+  model.to(device).train()
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-  tb = {k: torch.tensor(batch[k]).long() for k in ("input_ids", "attention_mask", "labels")}
+  tb = {k: torch.tensor(batch[k]).long().to(device)
+        for k in ("input_ids", "attention_mask", "labels")}
+  autocast = (torch.autocast(device, dtype=torch.bfloat16) if bfloat16
+              else contextlib.nullcontext())
 
   def one_step():
-    out = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
-                labels=tb["labels"])
+    with autocast:
+      out = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
+                  labels=tb["labels"])
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -146,27 +187,35 @@ def build_torch(cfg, method: str, batch, threads: int):
 
 def main(argv):
   del argv
-  cfg = model_config(FLAGS.shape)
+  cfg = model_config(FLAGS.shape, FLAGS.dropout)
   dtype = jnp.dtype(FLAGS.dtype)
   b, t = FLAGS.batch_size, FLAGS.seq_len
   batch = make_batch(cfg, b, t)
   flops_seq = train_flops_per_sequence(cfg, t)
-  peak = max(measured_peak(dtype, FLAGS.peak_size) for _ in range(3))  # best of 3
+  peaks = measured_peak(dtype, FLAGS.peak_size)
+  peak = max(peaks.values())  # the machine's ceiling, whichever library reaches it
   dev = jax.devices()[0]
   print(f"device: {jax.device_count()} x {getattr(dev, 'device_kind', dev.platform)}; "
         f"shape {FLAGS.shape}, batch {b} x seq {t}, JAX dtype {FLAGS.dtype}; "
+        f"dropout {cfg.hidden_dropout_prob}, PRNG {FLAGS.prng_impl}; "
         f"{flops_seq / 1e9:.1f} GFLOP per training sequence; measured matmul peak "
-        f"{peak / 1e12:.3f} TFLOP/s ({FLAGS.peak_size}^2 {FLAGS.dtype})")
+        f"{peak / 1e12:.3f} TFLOP/s ({FLAGS.peak_size}^2 {FLAGS.dtype}; "
+        + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in peaks.items()) + ")")
   report = {"device": str(dev), "batch_size": b, "seq_len": t, "dtype": FLAGS.dtype,
-            "flops_per_sequence": flops_seq, "peak_flops": peak, "methods": {}}
+            "dropout": cfg.hidden_dropout_prob, "prng_impl": FLAGS.prng_impl,
+            "flops_per_sequence": flops_seq, "peak_flops": peak, "peaks": peaks,
+            "methods": {}}
   for method in FLAGS.methods:
-    builders = {"jax": lambda: build_jax(cfg, method, batch, dtype)}
+    builders = {"jax": lambda: build_jax(cfg, method, batch, dtype, FLAGS.prng_impl)}
     if FLAGS.torch:
+      bf16 = FLAGS.dtype == "bfloat16"
       for k in map(int, FLAGS.torch_threads):
-        builders[f"torch_t{k}"] = lambda k=k: build_torch(cfg, method, batch, k)
+        builders[f"torch_t{k}"] = lambda k=k: build_torch(cfg, method, batch, k, bf16)
     runners, r = {}, {}
     for name, build in builders.items():
       first_s, run = build()
+      if name == "jax" and FLAGS.profile_dir:
+        jax_run = run
       run(FLAGS.warmup)
       runners[name], r[name] = run, {"compile_s": first_s, "round_step_s": []}
     # Interleaved rounds, best round per framework: the machine is shared and noisy.
@@ -175,6 +224,10 @@ def main(argv):
         t0 = time.perf_counter()
         r[name]["loss"] = run(FLAGS.steps)
         r[name]["round_step_s"].append((time.perf_counter() - t0) / FLAGS.steps)
+    if FLAGS.profile_dir:
+      import os
+      with jax.profiler.trace(os.path.join(FLAGS.profile_dir, method), create_perfetto_trace=True):
+        jax_run(3)
     for name, v in r.items():
       v["step_s"] = min(v["round_step_s"])
       v["tokens_per_s"] = b * t / v["step_s"]

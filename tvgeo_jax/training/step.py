@@ -78,18 +78,21 @@ class _Counted:
 def make_train_step(*, model_config: EncoderConfig,
                     optimizer: optax.GradientTransformation, mesh, is_regression: bool,
                     seed: int = 0, dtype: Any = jnp.float32,
-                    class_weights: Optional[np.ndarray] = None) -> _Counted:
+                    class_weights: Optional[np.ndarray] = None,
+                    prng_impl: Optional[str] = None) -> _Counted:
   """``step(state, frozen, batch) -> (state, metrics)``, compiled once per batch shape.
 
   ``state`` is donated. Dropout keys are ``fold_in(key(seed), step)``, so a resumed
   run draws the same masks as an uninterrupted one without saving an rng.
+  ``prng_impl`` picks the dropout generator (``jax.random.key``'s ``impl``:
+  ``"threefry2x32"``, the default, or the faster hardware-friendly ``"rbg"``).
   """
   cw = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
   def step(state, frozen, batch):
     counted._bump()
-    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    rng = jax.random.fold_in(jax.random.key(seed, impl=prng_impl), state["step"])
 
     def loss_of(trainable):
       params = partition.combine(trainable, frozen)
