@@ -80,7 +80,7 @@ def main(argv):
           if str(p[-1]).find("lora_b") >= 0 else v, m)
       models.append(m)
     merged = [merging.lora_factor_average([models[0], m]) for m in models[1:]]
-    tc = TrainConfig(task=f"bench_{label}", model="tiny", max_seq_len=FLAGS.seq_len,
+    tc = TrainConfig(task=f"bench_{label}", model="tiny-random", max_seq_len=FLAGS.seq_len,
                      eval_batch_size=FLAGS.batch, progress=False)
     evaluation.set_task_data(tc, random_task(FLAGS.examples, FLAGS.seq_len, FLAGS.batch,
                                              cfg.vocab_size))

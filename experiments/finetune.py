@@ -25,7 +25,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("task", None, "Task name (e.g. qnli, synth_sst2).")
 flags.DEFINE_enum("method", "lora", list(partition.METHODS), "Fine-tuning method.")
 flags.DEFINE_string("model", "roberta-base",
-                    "Base model: hub id, local HF directory, 'tiny' or 'embedded'.")
+                    "Base model: hub id, local HF directory, or a built-in: 'tiny' (= 'embedded', the"
+                    " pretrained tiny base), 'tiny-random', 'tiny-bert-random'.")
 flags.DEFINE_enum("preset", None, list(presets.PRESETS),
                   "Hyper-parameter preset (default: tiny for tiny/embedded, else paper).")
 flags.DEFINE_string("out", None, "Run directory (default runs/<task>/<method>_<model>_s<seed>).")

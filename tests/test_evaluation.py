@@ -35,7 +35,7 @@ class EvaluationTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.dir = tempfile.mkdtemp()
-    config = presets.resolve("synth_sst2", "lora", "tiny", overrides=dict(
+    config = presets.resolve("synth_sst2", "lora", "tiny-random", overrides=dict(
         epochs=1, data_scale=0.1, max_seq_len=16, batch_size=16, eval_batch_size=16,
         progress=False, lora_rank=4))
     loop.finetune(config, os.path.join(cls.dir, "run"))

@@ -27,15 +27,15 @@ class FinetuneCliTest(absltest.TestCase):
 
   def test_lora_run_writes_a_complete_run_directory_and_is_skipped_after(self):
     out = os.path.join(tempfile.mkdtemp(), "run")
-    common = ["--task=synth_sst2", "--method=lora", "--model=tiny", f"--out={out}",
+    common = ["--task=synth_sst2", "--method=lora", "--model=tiny-random", f"--out={out}",
               "--epochs=2", "--data_scale=0.25", "--max_seq_len=16", "--eval_batch_size=32"]
     proc = finetune(*common)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    self.assertIn("synth_sst2 / lora on tiny: test accuracy", proc.stdout)
+    self.assertIn("synth_sst2 / lora on tiny-random: test accuracy", proc.stdout)
     for name in ("results.json", "run_config.json", "metrics.jsonl", "params", "hf", "adapter"):
       self.assertTrue(os.path.exists(os.path.join(out, name)), name)
     res = json.load(open(os.path.join(out, "results.json")))
-    self.assertEqual((res["task"], res["method"], res["base_model"]), ("synth_sst2", "lora", "tiny"))
+    self.assertEqual((res["task"], res["method"], res["base_model"]), ("synth_sst2", "lora", "tiny-random"))
     self.assertEqual(res["config"]["learning_rate"], 3e-3)  # the tiny preset
     self.assertEqual(res["config"]["lora_targets"], ["query", "value"])
     test = res["metrics"]["test"]
@@ -62,7 +62,7 @@ class FinetuneCliTest(absltest.TestCase):
          "learning_rate must be > 0"),
     ]
     for args, message in cases:
-      proc = finetune(*args, "--model=tiny", f"--out={out}", timeout=120)
+      proc = finetune(*args, "--model=tiny-random", f"--out={out}", timeout=120)
       self.assertNotEqual(proc.returncode, 0, args)
       self.assertIn(message, proc.stderr, args)
       self.assertFalse(os.path.exists(out), args)  # nothing written

@@ -36,7 +36,7 @@ class MergeStudyTest(absltest.TestCase):
     cls.dir = tempfile.mkdtemp()
     cls.paths = []
     for task in TASKS:
-      config = presets.resolve(task, "lora", "tiny", overrides=dict(
+      config = presets.resolve(task, "lora", "tiny-random", overrides=dict(
           epochs=1, data_scale=0.1, max_seq_len=16, batch_size=16, eval_batch_size=16,
           progress=False, lora_rank=4, learning_rate=2e-2))
       path = os.path.join(cls.dir, task)

@@ -137,7 +137,7 @@ class ParityTest(parameterized.TestCase):
 class CompileTest(absltest.TestCase):
 
   def test_jit_does_not_retrace_for_same_shapes(self):
-    config, params = models.load_pretrained("tiny")
+    config, params = models.load_pretrained("tiny-random")
     traces = []
 
     def fwd(p, b):
@@ -154,7 +154,7 @@ class CompileTest(absltest.TestCase):
     self.assertLen(traces, 2)
 
   def test_dropout_needs_rng_and_changes_output(self):
-    config, params = models.load_pretrained("tiny")
+    config, params = models.load_pretrained("tiny-random")
     b = _batch(config.vocab_size, config.pad_token_id)
     with self.assertRaisesRegex(ValueError, "rng"):
       models.apply(params, b, config=config, train=True)
@@ -169,6 +169,29 @@ class LoaderErrorTest(absltest.TestCase):
     model = _hf_model("x", "classification", **dict(_CONFIGS["roberta_2x32"], **cfg))
     model.save_pretrained(d)
     return model
+
+  def test_builtin_names(self):
+    """``tiny``/``embedded`` load the cached pretrained base; ``tiny-random`` and
+    ``tiny-bert-random`` are random inits; other ``tiny-*`` names are errors."""
+    from unittest import mock
+    from tvgeo_jax import embedded
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TVGEO_CACHE": cache}):
+      config, saved = models.load_pretrained("tiny-random", head="mlm", seed=7)
+      models.save_pretrained(embedded.default_dir(), config, saved, head="mlm")
+      open(os.path.join(embedded.default_dir(), "pretrain.json"), "w").write("{}")
+      for name in ("tiny", "embedded"):
+        cfg, params = models.load_pretrained(name, num_labels=2)
+        self.assertEqual(cfg.num_hidden_layers, config.num_hidden_layers)
+        np.testing.assert_array_equal(
+            params["encoder"]["layer_1"]["query"]["kernel"],
+            saved["encoder"]["layer_1"]["query"]["kernel"])
+    fresh = models.load_pretrained("tiny-random", seed=7)[1]
+    other = models.load_pretrained("tiny-random", seed=8)[1]
+    self.assertFalse(np.array_equal(fresh["encoder"]["layer_1"]["query"]["kernel"],
+                                    other["encoder"]["layer_1"]["query"]["kernel"]))
+    self.assertEqual(models.load_pretrained("tiny-bert-random")[0].model_type, "bert")
+    with self.assertRaisesRegex(ValueError, "Unknown built-in model 'tiny-bert'.*tiny-random"):
+      models.load_pretrained("tiny-bert")
 
   def test_missing_directory_and_files(self):
     with tempfile.TemporaryDirectory() as d:
@@ -232,7 +255,7 @@ class LoaderErrorTest(absltest.TestCase):
     self.assertIn("local directory", out)
 
   def test_state_dict_round_trip_is_exact(self):
-    config, params = models.load_pretrained("tiny-bert")
+    config, params = models.load_pretrained("tiny-bert-random")
     state = hf_io.state_dict_from_params(params, config)
     again = hf_io.params_from_state_dict(state, config)
     for (p, a), (q, b) in zip(jax.tree_util.tree_flatten_with_path(params)[0],

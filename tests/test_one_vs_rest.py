@@ -61,7 +61,7 @@ class OneVsRestCliTest(absltest.TestCase):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "experiments.one_vs_rest", "--task=synth_authorship",
-           "--model=tiny", f"--out={out}", "--epochs=1", "--data_scale=0.05",
+           "--model=tiny-random", f"--out={out}", "--epochs=1", "--data_scale=0.05",
            "--max_seq_len=32", "--batch_size=64", "--eval_batch_size=64", "--progress=false",
            f"--compilation_cache={CACHE}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

@@ -41,18 +41,18 @@ def _perturbed(tree, rng, scale, keys=("kernel", "lora_b", "up")):
 
 
 def _write_run(root, method, rng):
-  config = presets.resolve(TASK, method, "tiny", None,
+  config = presets.resolve(TASK, method, "tiny-random", None,
                            dict(max_seq_len=32, data_scale=0.2, progress=False))
-  model_config, base = load_pretrained("tiny", num_labels=2, seed=config.seed)
+  model_config, base = load_pretrained("tiny-random", num_labels=2, seed=config.seed)
   params = methods.prepare_params(base, model_config, config)
   params = _perturbed(params, rng, {"full": 0.05, "lora": 0.3, "bottleneck": 0.3}[method],
                       keys=({"full": ("kernel",), "lora": ("lora_b",),
                              "bottleneck": ("up",)}[method]))
   run_dir = os.path.join(root, method)
   os.makedirs(run_dir)
-  results = {"task": TASK, "method": method, "base_model": "tiny", "base_model_path": None,
+  results = {"task": TASK, "method": method, "base_model": "tiny-random", "base_model_path": None,
              "config": config.to_dict(), "model_config": model_config.to_hf_dict()}
-  runs.write_outputs(run_dir, params, model_config, method, results, base_model="tiny")
+  runs.write_outputs(run_dir, params, model_config, method, results, base_model="tiny-random")
   return run_dir
 
 
@@ -128,7 +128,7 @@ class RepresentationsCliTest(absltest.TestCase):
     # Full vs LoRA against transformers' hidden states of the saved HF checkpoints.
     cfg = runs.load_run(self.run_dirs[0], load_params=False).config
     batches, _ = representations.example_batches(
-        TASK, "tiny", max_examples=N, seed=cfg.seed, max_seq_len=cfg.max_seq_len,
+        TASK, "tiny-random", max_examples=N, seed=cfg.seed, max_seq_len=cfg.max_seq_len,
         data_scale=cfg.data_scale)
     full = _hf_first_token_states(os.path.join(self.run_dirs[0], "hf"), batches)
     lora = _hf_first_token_states(os.path.join(self.run_dirs[1], "hf"), batches)

@@ -70,7 +70,7 @@ class LossTest(absltest.TestCase):
 class OptimizerTest(absltest.TestCase):
 
   def test_decay_mask_skips_biases_and_layer_norm_scales(self):
-    _, params = load_pretrained("tiny", num_labels=2)
+    _, params = load_pretrained("tiny-random", num_labels=2)
     mask = optim.decay_mask(params)
     self.assertTrue(mask["encoder"]["layer_0"]["query"]["kernel"])
     self.assertTrue(mask["embeddings"]["word_embeddings"]["embedding"])
@@ -171,7 +171,7 @@ class ConfigTest(absltest.TestCase):
 class TraceCountTest(absltest.TestCase):
 
   def test_train_and_eval_steps_trace_once_per_bucket_shape(self):
-    cfg, params = load_pretrained("tiny", num_labels=2)
+    cfg, params = load_pretrained("tiny-random", num_labels=2)
     trainable, frozen = partition.split(params, "full")
     tx = optim.make_optimizer(trainable, learning_rate=1e-3, total_steps=10)
     mesh = sharding.data_mesh()

@@ -45,7 +45,7 @@ class NonFiniteLossTest(absltest.TestCase):
 
   def test_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(self):
     run_dir = tempfile.mkdtemp()
-    config = presets.resolve("topic_regression", "full", "tiny", overrides=dict(
+    config = presets.resolve("topic_regression", "full", "tiny-random", overrides=dict(
         epochs=2, batch_size=16, checkpoint_every=4, progress=False, max_seq_len=16,
         dropout=0.0))
     with self.assertRaisesRegex(loop.NonFiniteLossError,
@@ -63,7 +63,7 @@ class NonFiniteLossTest(absltest.TestCase):
 
   def test_class_weights_need_training_labels(self):
     data = dataclasses.replace(fx.topic_task(n_train=32, n_eval=16), train_labels=None)
-    config = presets.resolve("topic", "full", "tiny", overrides=dict(class_weights=True,
+    config = presets.resolve("topic", "full", "tiny-random", overrides=dict(class_weights=True,
                                                                      progress=False))
     with self.assertRaisesRegex(ValueError, "class_weights needs the training labels"):
       loop.finetune(config, tempfile.mkdtemp(), data=data)

@@ -24,7 +24,7 @@ def train(method: str, **overrides):
   cfg = dict(epochs=5, batch_size=8, progress=False, patience=0, max_seq_len=16,
              log_every=1, dropout=0.0)
   cfg.update(overrides)
-  config = presets.resolve("topic", method, "tiny", overrides=cfg)
+  config = presets.resolve("topic", method, "tiny-random", overrides=cfg)
   run_dir = tempfile.mkdtemp()
   data = fx.topic_task(n_train=256, n_eval=64, num_labels=3, batch_size=8, seq_len=16)
   return loop.finetune(config, run_dir, data=data), run_dir

@@ -26,7 +26,7 @@ _SCRIPT = textwrap.dedent("""
     import test_training_fixtures as fx
     compile_cache.enable(sys.argv[2])
     assert jax.device_count() == 8, jax.devices()
-    cfg, params = load_pretrained("tiny", num_labels=2)
+    cfg, params = load_pretrained("tiny-random", num_labels=2)
     ex = fx.topic_examples(64, seq_len=16)
     out = {}
     for n in (1, 8):

@@ -27,7 +27,7 @@ def _config(**kw):
               learning_rate=1e-3,
               patience=5, max_seq_len=16)
   base.update(kw)
-  return presets.resolve("topic", "full", "tiny", overrides=base)
+  return presets.resolve("topic", "full", "tiny-random", overrides=base)
 
 
 def _data():
@@ -99,7 +99,7 @@ class ResumeTest(absltest.TestCase):
     for name in (runs.PARAMS, runs.HF, runs.RESULTS, runs.RUN_CONFIG, runs.METRICS_LOG):
       self.assertTrue(os.path.exists(os.path.join(self.ref_dir, name)), name)
     run = runs.load_run(self.ref_dir)
-    self.assertEqual((run.task, run.method, run.base_model), ("topic", "full", "tiny"))
+    self.assertEqual((run.task, run.method, run.base_model), ("topic", "full", "tiny-random"))
     base = run.base_params()
     # Base params are the start point: same tree structure, different values after training.
     self.assertEqual(set(trees.flatten(base)), set(trees.flatten(run.params)))

@@ -77,7 +77,7 @@ def _smoke() -> StudyPreset:
   """Three tasks, one short epoch each, no representation/one-vs-rest steps (those have
   their own end-to-end tests): the pipeline's plumbing in about a minute."""
   return StudyPreset(
-      name="smoke", model="tiny", tasks=("synth_sst2", "synth_yelp", "synth_mrpc"),
+      name="smoke", model="tiny-random", tasks=("synth_sst2", "synth_yelp", "synth_mrpc"),
       train_overrides={"*": dict(epochs=1, patience=0, data_scale=0.1, max_seq_len=32,
                                  batch_size=16, progress=False, checkpoint_every=100000)},
       repr_task=None, ovr_task=None)

@@ -37,7 +37,7 @@ def is_finished(run_dir: str) -> bool:
 
 
 def resolve_base_path(model: str) -> Optional[str]:
-  """The absolute path of a local base-model directory, else None (a hub id or 'tiny')."""
+  """The absolute path of a local base-model directory, else None (a hub id or a built-in name)."""
   return os.path.abspath(model) if os.path.isdir(model) else None
 
 

@@ -17,7 +17,7 @@ from tvgeo_jax.data import synthetic
 VOCAB_SIZE = 2048  # the embedding size of the built-in tiny config; the BPE uses <= this
 MAX_LENGTH = 256   # the tiny RoBERTa's 258 positions minus the padding offset
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
-SYNTHETIC_NAMES = ("tiny", "tiny-bert", "embedded", "synthetic")
+SYNTHETIC_NAMES = ("tiny", "embedded", "tiny-random", "tiny-bert-random", "synthetic")
 _TOKENIZER_VERSION = f"synth-bpe-v1-g{synthetic.GENERATOR_VERSION}"
 
 
@@ -63,7 +63,8 @@ def load_tokenizer(model_name_or_dir: str):
   """A fast ``transformers`` tokenizer for a model.
 
   Args:
-    model_name_or_dir: ``tiny`` / ``tiny-bert`` / ``embedded`` (the synthetic BPE), a local
+    model_name_or_dir: a built-in model name (``tiny``, ``embedded``, ``tiny-random``,
+      ``tiny-bert-random``: the synthetic BPE), a local
       directory with a Hugging Face tokenizer, or a hub id (through
       ``tvgeo_jax.hub.snapshot``, so offline it fails fast with a clear message).
   """

@@ -210,23 +210,34 @@ def resolve_model_dir(name_or_path: str) -> str:
                                       "merges.txt", "vocab.*", "pytorch_model.bin"])
 
 
+# Built-in models. ``tiny``/``embedded``: the tiny RoBERTa the project pretrains itself
+# (MLM on the synthetic corpus, built on first use and cached; ``tvgeo_jax.embedded``).
+# ``tiny-random``/``tiny-bert-random``: the same-sized architectures at random init, for
+# tests and smoke runs (LoRA cannot learn a compositional task on them: nothing to adapt).
+PRETRAINED_BUILTINS = ("tiny", "embedded")
+RANDOM_MODELS = {"tiny-random": "roberta", "tiny-bert-random": "bert"}
+
+
 def load_pretrained(name_or_path: str, head: str = "classification",
                     num_labels: Optional[int] = None, seed: int = 0,
                     label_names: Optional[Tuple[str, ...]] = None
                     ) -> Tuple[EncoderConfig, dict]:
-  """Read ``config`` and ``params`` from a directory, a hub id, or ``tiny``.
+  """Read ``config`` and ``params`` from a directory, a hub id or a built-in name
+  (``tiny``/``embedded``: the pretrained tiny base; ``tiny-random``, ``tiny-bert-random``).
 
   ``num_labels``/``label_names`` override the checkpoint's (a new head is
   initialised where the shapes change).
   """
-  if name_or_path == "tiny" or name_or_path.startswith("tiny-"):
-    model_type = "bert" if name_or_path == "tiny-bert" else "roberta"
-    config = tiny_config(model_type)
+  if name_or_path in RANDOM_MODELS:
+    config = tiny_config(RANDOM_MODELS[name_or_path])
     config = _with_labels(config, num_labels, label_names)
     return config, init_params(config, head, seed)
-  if name_or_path == "embedded":
+  if name_or_path in PRETRAINED_BUILTINS:
     from tvgeo_jax import embedded
     name_or_path = embedded.ensure_embedded_base()
+  elif name_or_path.startswith("tiny") and not os.path.isdir(name_or_path):
+    raise ValueError(f"Unknown built-in model {name_or_path!r}; built-in models are "
+                     f"{', '.join(PRETRAINED_BUILTINS + tuple(RANDOM_MODELS))}.")
   directory = resolve_model_dir(name_or_path)
   cfg_file = os.path.join(directory, "config.json")
   if not os.path.exists(cfg_file):
