@@ -25,10 +25,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("task", None, "Task name (e.g. qnli, synth_sst2).")
 flags.DEFINE_enum("method", "lora", list(partition.METHODS), "Fine-tuning method.")
 flags.DEFINE_string("model", "roberta-base",
-                    "Base model: hub id, local HF directory, or a built-in: 'tiny' (= 'embedded', the"
-                    " pretrained tiny base), 'tiny-random', 'tiny-bert-random'.")
+                    "Base model: hub id, local HF directory, or a built-in: 'tiny' (= "
+                    "'embedded', the pretrained tiny base), 'tiny-random', 'tiny-bert-random'.")
 flags.DEFINE_enum("preset", None, list(presets.PRESETS),
-                  "Hyper-parameter preset (default: tiny for tiny/embedded, else paper).")
+                  "Hyper-parameter preset (default: tiny for the built-in models, else paper).")
 flags.DEFINE_string("out", None, "Run directory (default runs/<task>/<method>_<model>_s<seed>).")
 flags.DEFINE_bool("overwrite", False, "Redo a finished (or differently configured) run.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods).")

@@ -28,7 +28,8 @@ def snapshot(repo_id: str, kind: str = "model",
   except Exception:  # not cached: try the network below
     pass
   hint = ("pass a local directory in the Hugging Face layout (config.json + "
-          "model.safetensors) instead of a hub id, or use --model=tiny (the built-in pretrained tiny base)"
+          "model.safetensors) instead of a hub id, or use --model=tiny (the built-in "
+          "pretrained tiny base)"
           if kind == "model" else
           "pass --data_dir with a local copy in the hub's formats, or use the offline "
           "synthetic suite (synth_* tasks)")
