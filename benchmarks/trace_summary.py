@@ -4,7 +4,7 @@ r"""Where the device time of a profiled step goes: a summary of a JAX Perfetto t
 
 Reads the ``perfetto_trace.json.gz`` that ``jax.profiler.trace(...,
 create_perfetto_trace=True)`` writes (``bench_train --profile_dir``), keeps the
-device's kernel events and prints, per step, the busy time by category (matmul
+device's kernel events (XLA:CPU: the ops on its worker threads) and prints, per step, the busy time by category (matmul
 libraries, XLA fusions by kind, copies, collectives, ...) and the top kernels.
 """
 from __future__ import annotations
@@ -22,13 +22,15 @@ flags.DEFINE_integer("steps", 3, "Steps the trace covers (times are divided by t
 flags.DEFINE_integer("top", 25, "Kernels to list.")
 
 _CATEGORIES = (
-    ("matmul (cuBLAS/cuBLASLt)", re.compile(r"gemm|cublas|cutlass|sm90_xmma|nvjet", re.I)),
+    ("matmul (cuBLAS/cuBLASLt, XLA:CPU dot)", re.compile(r"gemm|cublas|cutlass|sm90_xmma|nvjet|^dot", re.I)),
     ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash", re.I)),
     ("triton fusions", re.compile(r"triton", re.I)),
     ("reductions", re.compile(r"reduce|reduction", re.I)),
     ("scatter/gather", re.compile(r"scatter|gather|dynamic.update", re.I)),
     ("copies/transposes", re.compile(r"copy|transpose|memcpy|memset", re.I)),
     ("rng", re.compile(r"rng|threefry|philox", re.I)),
+    ("YNNPACK fusions (XLA:CPU dots)", re.compile(r"^ynn_fusion", re.I)),
+    ("while loops", re.compile(r"^while", re.I)),
     ("loop fusions", re.compile(r"fusion|loop", re.I)),
 )
 
@@ -41,7 +43,8 @@ def category(name: str) -> str:
 
 
 def device_kernels(trace: dict):
-  """Complete ('X') events on device (GPU/TPU) processes, from the kernel streams."""
+  """Complete ('X') events of compiled code: kernels on device (GPU/TPU) processes, or,
+  when there are none (XLA:CPU), the ops on the host's XLA worker threads."""
   procs, threads = {}, {}
   for e in trace["traceEvents"]:
     if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -49,10 +52,18 @@ def device_kernels(trace: dict):
     if e.get("ph") == "M" and e.get("name") == "thread_name":
       threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
   device_pids = {p for p, n in procs.items() if re.search(r"/device:(GPU|TPU)", n)}
+
+  def keep(e, thread):
+    if device_pids:
+      return e.get("pid") in device_pids
+    return thread.startswith("tf_XLAEigen") and not e["name"].startswith("ThunkExecutor")
+
   by_thread = collections.defaultdict(list)
   for e in trace["traceEvents"]:
-    if e.get("ph") == "X" and e.get("pid") in device_pids:
-      by_thread[threads.get((e["pid"], e.get("tid")), str(e.get("tid")))].append(e)
+    if e.get("ph") == "X":
+      thread = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
+      if keep(e, thread):
+        by_thread[thread].append(e)
   return procs, by_thread
 
 
