@@ -106,7 +106,7 @@ def make_batch(cfg, b: int, t: int) -> Dict[str, np.ndarray]:
 
 
 def build_jax(cfg, method: str, batch, dtype, prng_impl: str):
-  """(compile seconds, run(n) -> loss, run): our jitted step at this shape."""
+  """(compile seconds, run(n) -> loss): our jitted step at this shape."""
   from tvgeo_jax import partition
   from tvgeo_jax.models import init_params
   from tvgeo_jax.training import methods as methods_lib, optim, sharding, step as step_lib
@@ -214,8 +214,6 @@ def main(argv):
     runners, r = {}, {}
     for name, build in builders.items():
       first_s, run = build()
-      if name == "jax" and FLAGS.profile_dir:
-        jax_run = run
       run(FLAGS.warmup)
       runners[name], r[name] = run, {"compile_s": first_s, "round_step_s": []}
     # Interleaved rounds, best round per framework: the machine is shared and noisy.
@@ -227,7 +225,7 @@ def main(argv):
     if FLAGS.profile_dir:
       import os
       with jax.profiler.trace(os.path.join(FLAGS.profile_dir, method), create_perfetto_trace=True):
-        jax_run(3)
+        runners["jax"](3)
     for name, v in r.items():
       v["step_s"] = min(v["round_step_s"])
       v["tokens_per_s"] = b * t / v["step_s"]

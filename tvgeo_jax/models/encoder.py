@@ -118,8 +118,7 @@ def layer_norm(x, scale, bias, eps: float, dtype):
   computes ``dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))`` with ``ĝ = g·scale`` in one
   pass, where autodiff would materialise float32 activation-sized intermediates.
   """
-  x32, mean, rstd = _ln_stats(x, eps)
-  return ((x32 - mean) * rstd * scale + bias).astype(dtype)
+  return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps, dtype):
@@ -160,10 +159,11 @@ class LayerNorm(nn.Module):
 class Dropout(nn.Module):
   """Inverted dropout whose mask comes from 16-bit random words.
 
-  ``nn.Dropout`` draws a 32-bit uniform per element; 16 bits halve the random
-  numbers to generate (a measured cost on GPUs) while keeping the rate exact to
-  1/65536: an element is dropped when its word is below ``round(rate·65536)``
-  and kept ones are scaled by the exact inverse keep probability.
+  ``nn.Dropout`` draws a 32-bit uniform per element and compares floats; here an
+  element is dropped when its 16-bit word is below ``round(rate·65536)`` (the rate
+  is exact to 1/65536) and kept ones are scaled by the exact inverse keep
+  probability. On an H100 the 12 attention masks of a roberta-base step took
+  1.87 ms instead of 1.97 ms (BUILD_NOTES).
   """
   rate: float
 
