@@ -248,6 +248,7 @@ class Pipeline:
 def merge_findings(res: Mapping[str, Any]) -> List[str]:
   """Paper A Table 3 and paper C, checked on the study's numbers."""
   import numpy as np
+  from tvgeo_jax import findings
   lines = []
   pairs = res.get("pairs", {})
   fa = pairs.get("lora_factor_average")
@@ -273,7 +274,7 @@ def merge_findings(res: Mapping[str, Any]) -> List[str]:
     share = [conflicts[n]["mean"] for n in ns]
     lines.append(f"(paper C: sign conflicts grow with the number of merged task vectors, top-20%): "
                  f"{share[0]:.3f} at n={ns[0]} → {share[-1]:.3f} at n={ns[-1]} — grows: "
-                 f"{'yes' if share[-1] > share[0] else 'no'}.")
+                 f"{'yes' if findings.increasing(share) else 'no'}.")
   multi = res.get("multitask", {}).get("methods", {})
   if multi:
     parts, drops = [], []

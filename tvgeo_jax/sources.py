@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from tvgeo_jax import lora, task_vectors
 from tvgeo_jax.models import EncoderConfig
@@ -142,10 +142,3 @@ def module_stacks(sources: Sequence[Source], modules: Sequence[str],
     else:
       models.append((s.params, s.base_params))
   return {m: task_vectors.stack_full(models, m) for m in modules}
-
-
-def group_by_method(sources: Sequence[Source]) -> Mapping[str, List[Source]]:
-  out: Dict[str, List[Source]] = {}
-  for s in sources:
-    out.setdefault(s.method, []).append(s)
-  return out
