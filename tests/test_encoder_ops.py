@@ -3,13 +3,17 @@
 References are the textbook formulas differentiated by ``jax.grad`` in float32
 and their float64 evaluation in NumPy/SciPy, so a wrong backward cannot pass.
 """
+import re
+from unittest import mock
+
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from tvgeo_jax.models import encoder
+from tvgeo_jax import lora, partition
+from tvgeo_jax.models import apply, encoder, init_params, tiny_config
 
 
 def _ln_reference(x, scale, bias, eps):
@@ -84,6 +88,53 @@ class GeluTest(absltest.TestCase):
     self.assertEqual(encoder.gelu_exact(x).dtype, jnp.bfloat16)
     self.assertEqual(jax.grad(lambda x: encoder.gelu_exact(x).sum().astype(jnp.float32))(x).dtype,
                      jnp.bfloat16)
+
+
+class CpuFusionBoundaryTest(absltest.TestCase):
+  """``encoder._cpu_fusion_boundary``: an identity XLA:CPU cannot fuse through."""
+
+  def test_is_the_identity_and_keeps_nan_poisoning(self):
+    f = jax.jit(encoder._cpu_fusion_boundary)
+    x = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+    x[1, 2], x[3, 4], x[0, 0] = np.inf, np.nan, -np.inf
+    np.testing.assert_array_equal(f(x), x)
+    y = jnp.asarray(x).at[0, 0].set(jnp.nan)
+    self.assertTrue(np.isnan(np.asarray(f(y))).all())
+    self.assertEqual(f(jnp.ones(3, jnp.bfloat16)).dtype, jnp.bfloat16)
+
+  def test_only_the_cpu_lowering_carries_the_conditional(self):
+    grad = jax.jit(jax.grad(lambda x, s, b: jnp.sum(
+        encoder.layer_norm(x, s, b, 1e-5, jnp.dtype("float32")) ** 2)))
+    args = (jnp.ones((4, 8)), jnp.ones(8), jnp.zeros(8))
+    # isnan lowers to compare NE (x != x); the LayerNorm backward has no other.
+    has_nan_test = lambda plat: "stablehlo.compare NE" in grad.trace(*args).lower(
+        lowering_platforms=(plat,)).as_text()
+    self.assertTrue(has_nan_test("cpu"))
+    self.assertFalse(has_nan_test("cuda"))
+    self.assertFalse(has_nan_test("tpu"))
+
+  def test_frozen_layer_norm_backward_is_not_recomputed_per_layer(self):
+    # With frozen LayerNorms (LoRA), XLA:CPU used to fuse the LayerNorm backward of
+    # every layer above into each layer's backward fusion: the widest fusion grew
+    # with depth (71 operands at 4 layers, 107 at 6, 215 for roberta-base).
+    cfg = tiny_config(num_hidden_layers=4, num_labels=2)
+    train, frozen = partition.split(lora.inject_lora(init_params(cfg), rank=4, alpha=8), "lora")
+    ids = np.random.default_rng(0).integers(3, 100, (4, 8)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def loss(t, f):  # frozen as an argument, as in the train step (not constants)
+      out = apply(partition.combine(t, f), batch, config=cfg, train=True, rng=jax.random.key(1))
+      return jnp.sum(out["logits"] ** 2)
+
+    def widest_fusion():
+      hlo = jax.jit(jax.grad(loss)).lower(train, frozen).compile().as_text()
+      return max(m.group(1).count("%") for m in re.finditer(r"= \S+ fusion\((.*?)\), kind=", hlo))
+
+    with_boundary = widest_fusion()
+    with mock.patch.object(encoder, "_cpu_fusion_boundary", lambda x: x):
+      without = widest_fusion()
+    self.assertLessEqual(with_boundary, 16)
+    self.assertGreater(without, 3 * with_boundary)  # the check can tell the two apart
 
 
 class DropoutTest(parameterized.TestCase):

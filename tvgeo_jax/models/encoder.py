@@ -110,6 +110,28 @@ def _ln_stats(x, eps):
   return x32, mean, rstd
 
 
+def _cpu_fusion_boundary(x):
+  """``x``, materialised: on XLA:CPU a value its fusion pass cannot see through.
+
+  XLA:CPU duplicates cheap elementwise producers into every fusible consumer.
+  When the LayerNorm parameters are frozen (LoRA, bottleneck adapters) nothing
+  but elementwise ops and row reductions consumes the residual-stream gradient,
+  so each layer's backward fusion recomputes the LayerNorm backward of every
+  layer above it: roberta-base's LoRA step had fusions of 200+ operands and
+  spent ~1.4 s of busy time in them (BUILD_NOTES, CPU profile). An optimization
+  barrier does not help (XLA:CPU removes them before fusion); a conditional on
+  a runtime predicate does. Its other branch, taken only when the first
+  element is NaN, fills the gradient with NaN (it is already poisoned) so that
+  the branches differ and XLA keeps the conditional. Other platforms get ``x``
+  unchanged: their fusion passes do not do this, and the GPU timings in
+  BUILD_NOTES were measured without it.
+  """
+  def boundary(y):
+    poisoned = jnp.isnan(y.reshape(-1)[0])
+    return jax.lax.cond(poisoned, lambda z: jnp.full_like(z, jnp.nan), lambda z: z, y)
+  return jax.lax.platform_dependent(x, cpu=boundary, default=lambda y: y)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm(x, scale, bias, eps: float, dtype):
   """LayerNorm over the last axis, statistics in float32, output in ``dtype``.
@@ -117,6 +139,7 @@ def layer_norm(x, scale, bias, eps: float, dtype):
   The hand-written backward keeps ``x`` and two float32 numbers per row and
   computes ``dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))`` with ``ĝ = g·scale`` in one
   pass, where autodiff would materialise float32 activation-sized intermediates.
+  On the CPU, ``dx`` is a fusion boundary (``_cpu_fusion_boundary``).
   """
   return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
 
@@ -138,7 +161,7 @@ def _layer_norm_bwd(eps, dtype, res, g):
   gs = g32 * scale
   dx = rstd * (gs - jnp.mean(gs, axis=-1, keepdims=True)
                - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
-  return dx.astype(x.dtype), dscale, dbias
+  return _cpu_fusion_boundary(dx.astype(x.dtype)), dscale, dbias
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
