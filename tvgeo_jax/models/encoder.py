@@ -123,8 +123,9 @@ def _cpu_fusion_boundary(x):
   a runtime predicate does. Its other branch, taken only when the first
   element is NaN, fills the gradient with NaN (it is already poisoned) so that
   the branches differ and XLA keeps the conditional. Other platforms get ``x``
-  unchanged: their fusion passes do not do this, and the GPU timings in
-  BUILD_NOTES were measured without it.
+  unchanged: the GPU timings in BUILD_NOTES were measured without it, and on a
+  GPU a conditional costs a host sync (whether XLA:GPU's fusion has the same
+  problem is unchecked; see BUILD_NOTES).
   """
   def boundary(y):
     poisoned = jnp.isnan(y.reshape(-1)[0])
