@@ -12,12 +12,12 @@ XLA:CPU dots as the cause of a slow CPU train step.
 """
 from __future__ import annotations
 
-import time
-
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks.timing import best_time
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("tokens", 1024, "Rows of the activations (batch x sequence).")
@@ -32,14 +32,9 @@ _FORMS = (("forward x·W1", "x", "w1", (1, 0)), ("forward a·W2", "a", "w2", (1,
           ("weight grad xᵀ·a", "x", "a", (0, 0)))
 
 
-def _best(call, sync, repeats):
-  sync(call())
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    sync(call())
-    best = min(best, time.perf_counter() - t)
-  return best
+def _warm_best(fn, repeats):
+  fn()  # compile / first-touch outside the timing
+  return best_time(fn, repeats)
 
 
 def main(argv):
@@ -58,13 +53,13 @@ def main(argv):
     lhs, rhs = jnp.asarray(arrays[ln]), jnp.asarray(arrays[rn])
     f = jax.jit(lambda p, q, lc=lc, rc=rc: jax.lax.dot_general(p, q, (((lc,), (rc,)), ((), ()))))
     flops = 2.0 * np.prod(lhs.shape) * np.prod(rhs.shape) / lhs.shape[lc]
-    tj = _best(lambda: f(lhs, rhs), jax.block_until_ready, FLAGS.repeats)
+    tj = _warm_best(lambda: jax.block_until_ready(f(lhs, rhs)), FLAGS.repeats)
     line = f"{name:18s} jax {tj * 1e3:7.1f} ms {flops / tj / 1e9:6.0f} GFLOP/s"
     if torch is not None:
       tl, tr = torch.from_numpy(arrays[ln]), torch.from_numpy(arrays[rn])
       tl = tl.T if lc == 0 else tl
       tr = tr.T if rc == 1 else tr
-      tt = _best(lambda: tl @ tr, lambda _: None, FLAGS.repeats)
+      tt = _warm_best(lambda: tl @ tr, FLAGS.repeats)
       line += f" | torch {tt * 1e3:7.1f} ms {flops / tt / 1e9:6.0f} GFLOP/s | JAX/torch {tt / tj:.2f}x"
     print(line, flush=True)
 

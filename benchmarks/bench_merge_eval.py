@@ -18,6 +18,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
+from benchmarks.timing import best_time
 from tvgeo_jax import evaluation, lora, merging
 from tvgeo_jax.models.config import tiny_config
 from tvgeo_jax.models.hf_io import init_params
@@ -53,15 +54,6 @@ def random_task(n, seq_len, batch, vocab, seed=0) -> loop.TrainingData:
                            metrics=("accuracy",), main_metric="accuracy",
                            train_batches=lambda e: iter(()), num_train_batches=0,
                            eval_batches=batches, train_labels=ex["labels"])
-
-
-def best_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
 
 
 def main(argv):

@@ -13,6 +13,7 @@ analytically (≈ 67 GFLOP for roberta-base at 128 tokens), the same for every m
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Dict
 
@@ -223,7 +224,6 @@ def main(argv):
         r[name]["loss"] = run(FLAGS.steps)
         r[name]["round_step_s"].append((time.perf_counter() - t0) / FLAGS.steps)
     if FLAGS.profile_dir:
-      import os
       with jax.profiler.trace(os.path.join(FLAGS.profile_dir, method), create_perfetto_trace=True):
         runners["jax"](3)
     for name, v in r.items():
