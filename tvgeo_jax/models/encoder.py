@@ -45,7 +45,12 @@ def gelu_exact(x):
   these memory passes cost more than the arithmetic (BUILD_NOTES, GPU profile).
   """
   x32 = x.astype(jnp.float32)
-  return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
+  return (x32 * _normal_cdf(x32)).astype(x.dtype)
+
+
+def _normal_cdf(x32):
+  """Φ(x) = ½(1 + erf(x/√2))."""
+  return 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))
 
 
 def _gelu_fwd(x):
@@ -54,7 +59,7 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, g):
   x32 = x.astype(jnp.float32)
-  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))
+  cdf = _normal_cdf(x32)
   pdf = jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
   return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
 

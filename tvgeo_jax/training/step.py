@@ -85,7 +85,8 @@ def make_train_step(*, model_config: EncoderConfig,
   ``state`` is donated. Dropout keys are ``fold_in(key(seed), step)``, so a resumed
   run draws the same masks as an uninterrupted one without saving an rng.
   ``prng_impl`` picks the dropout generator (``jax.random.key``'s ``impl``:
-  ``"threefry2x32"`` by default; ``"rbg"`` measured no faster on an H100 or the CPU).
+  ``"threefry2x32"`` by default; ``"rbg"`` measured no faster on an H100, and on the
+  CPU 4.60 vs 4.80 s per roberta-base LoRA step, within that machine's noise).
   """
   cw = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
