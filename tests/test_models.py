@@ -81,6 +81,11 @@ class ParityTest(parameterized.TestCase):
     self.assertLen(out["hidden_states"], config.num_hidden_layers + 1)
     for ours, theirs in zip(out["hidden_states"], ref.hidden_states):
       np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5, rtol=0)
+    if head == "classification":  # the training/evaluation path: last layer on token 0
+      short = models.apply(params, batch, config=config, logits_only=True)
+      self.assertEqual(set(short), {"logits"})
+      np.testing.assert_allclose(np.asarray(short["logits"]), ref.logits.numpy(),
+                                 atol=1e-5, rtol=0)
 
   @parameterized.parameters("roberta_2x32", "bert_2x32")
   def test_regression_head(self, name):
@@ -94,9 +99,11 @@ class ParityTest(parameterized.TestCase):
     batch = _batch(config.vocab_size, config.pad_token_id)
     batch["token_type_ids"][:] = 0
     ref = _torch_outputs(model, batch, is_bert)
-    out = models.apply(params, batch, config=config)
-    self.assertEqual(out["logits"].shape, (3, 1))
-    np.testing.assert_allclose(np.asarray(out["logits"]), ref.logits.numpy(), atol=1e-5, rtol=0)
+    for logits_only in (False, True):
+      out = models.apply(params, batch, config=config, logits_only=logits_only)
+      self.assertEqual(out["logits"].shape, (3, 1))
+      np.testing.assert_allclose(np.asarray(out["logits"]), ref.logits.numpy(),
+                                 atol=1e-5, rtol=0)
 
   @parameterized.parameters("roberta_3x48", "bert_1x64")
   def test_export_round_trip_loads_in_transformers(self, name):
@@ -132,6 +139,61 @@ class ParityTest(parameterized.TestCase):
     err = np.abs(bf16 - f32).max()
     self.assertLess(err, 0.03 * scale + 1e-2)
     self.assertGreater(err, 0.0)  # it really ran in bfloat16
+
+
+class LogitsOnlyTest(parameterized.TestCase):
+  """``logits_only``: the last layer for the first token only (training/evaluation)."""
+
+  @parameterized.parameters("roberta", "bert")
+  def test_lora_gradients_match_the_all_token_forward(self, family):
+    from tvgeo_jax import lora, partition
+    config = models.tiny_config(family, num_hidden_layers=3, num_labels=3)
+    params = lora.inject_lora(models.init_params(config, seed=1), rank=4, alpha=8)
+    params = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape)
+                                                        * 1.7), params)  # lora_b != 0
+    train, frozen = partition.split(params, "lora")
+    batch = _batch(config.vocab_size, config.pad_token_id)
+    batch["token_type_ids"][:] = 0
+
+    def loss(t, logits_only):
+      out = models.apply(partition.combine(t, frozen), batch, config=config,
+                         logits_only=logits_only)
+      return jnp.sum(jnp.sin(out["logits"]))
+
+    full = jax.grad(loss)(train, False)
+    short = jax.grad(loss)(train, True)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(full), jax.tree.leaves(short)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6, rtol=1e-5,
+                                 err_msg=jax.tree_util.keystr(path))
+    self.assertGreater(max(float(jnp.abs(g).max()) for g in jax.tree.leaves(full)), 1e-3)
+
+  def test_compiled_flops_drop_by_the_last_layers_other_tokens(self):
+    # XLA's own count of the compiled forward, against the products skipped on the
+    # T-1 other tokens of the last layer: query, attention output, FFN, QKᵀ and PV.
+    config = models.tiny_config(num_hidden_layers=2, num_labels=2)
+    params = models.init_params(config)
+    b, t, h, i = 4, 32, config.hidden_size, config.intermediate_size
+    batch = {"input_ids": np.full((b, t), 7, np.int32),
+             "attention_mask": np.ones((b, t), np.int32)}
+
+    def flops(logits_only):
+      f = jax.jit(lambda p: models.apply(p, batch, config=config,
+                                          logits_only=logits_only)["logits"])
+      cost = f.lower(params).compile().cost_analysis()
+      return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    skipped_matmul = b * (t - 1) * 2 * (2 * h * h + 2 * h * i + 2 * t * h)
+    saved = flops(False) - flops(True)
+    self.assertGreaterEqual(saved, skipped_matmul)
+    self.assertLess(saved, 1.25 * skipped_matmul)  # plus the skipped elementwise work
+
+  def test_needs_the_classification_head_and_no_hidden_states(self):
+    config, params = models.load_pretrained("tiny-random")
+    batch = _batch(config.vocab_size, config.pad_token_id)
+    with self.assertRaisesRegex(ValueError, "logits_only=True needs the classification"):
+      models.apply(params, batch, config=config, logits_only=True, output_hidden_states=True)
+    with self.assertRaisesRegex(ValueError, "head 'none'"):
+      models.apply(params, batch, config=config, head="none", logits_only=True)
 
 
 class CompileTest(absltest.TestCase):

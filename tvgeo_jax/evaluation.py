@@ -155,7 +155,7 @@ def _stacked_step(model_config: EncoderConfig, is_regression: bool, dtype: str):
     def one(v):
       params = _unflatten_str({**shared, **v})
       out = model_apply(params, batch, config=model_config, train=False,
-                        dtype=jnp.dtype(dtype))
+                        dtype=jnp.dtype(dtype), logits_only=True)
       logits = out["logits"].astype(jnp.float32)
       return logits, step_lib.per_example_loss(logits, batch["labels"], is_regression)
     logits, loss = jax.vmap(one)(varying)                       # [K, B, C], [K, B]

@@ -97,7 +97,8 @@ def make_train_step(*, model_config: EncoderConfig,
 
     def loss_of(trainable):
       params = partition.combine(trainable, frozen)
-      out = model_apply(params, batch, config=model_config, train=True, rng=rng, dtype=dtype)
+      out = model_apply(params, batch, config=model_config, train=True, rng=rng, dtype=dtype,
+                        logits_only=True)
       return weighted_mean_loss(out["logits"], batch, is_regression, cw)
 
     loss, grads = jax.value_and_grad(loss_of)(state["trainable"])
@@ -124,7 +125,8 @@ def make_eval_step(*, model_config: EncoderConfig, mesh, is_regression: bool,
 
   def evaluate(params, batch):
     counted._bump()
-    out = model_apply(params, batch, config=model_config, train=False, dtype=dtype)
+    out = model_apply(params, batch, config=model_config, train=False, dtype=dtype,
+                      logits_only=True)
     logits = out["logits"].astype(jnp.float32)
     return {"logits": logits,
             "loss": per_example_loss(logits, batch["labels"], is_regression),
