@@ -341,11 +341,13 @@ PAPER_TRAIN_SIZES = {"cola": 8551, "mrpc": 3668, "rte": 2490, "qnli": 104743, "q
 def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
   """Runs, optimizer steps, FLOPs and memory, computed offline from the architecture.
 
-  Training FLOPs per token ≈ 6 × (non-embedding parameters) + 12 × layers × seq ×
-  hidden (attention scores and mixing), an upper bound since every sequence is
-  counted at ``max_seq_len``; early stopping usually ends runs sooner.
+  Training FLOPs are ``training.flops.train_flops_per_sequence`` (the products forward
+  and backward need under each method) for every training example of every epoch, an
+  upper bound: every sequence is counted at ``max_seq_len`` and early stopping
+  usually ends runs sooner.
   """
   from tvgeo_jax.models import EncoderConfig
+  from tvgeo_jax.training import flops as flops_lib
   config = EncoderConfig() if preset.model in ("roberta-base", "embedded-roberta-base") else None
   if config is None:
     from tvgeo_jax.models import load_pretrained
@@ -355,17 +357,19 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
   layer_params = 4 * h * h + 2 * h * f
   dense = l * layer_params + h * h  # + classifier dense
   total = dense + (v + config.max_position_embeddings + config.type_vocab_size) * h
-  runs, total_flops = [], 0.0
+  runs, total_flops, trees_by_method = [], 0.0, {}
   for task, method in Pipeline(preset, "/dev/null").finetune_jobs():
     tc = preset.train_config(task, method)
     name = task.replace("synth_", "")
     n_train = int(PAPER_TRAIN_SIZES.get(name, 10000) * 0.9)
     steps_per_epoch = -(-n_train // tc.batch_size)
-    tokens = tc.epochs * n_train * tc.max_seq_len
-    per_token = 6 * dense + 12 * l * tc.max_seq_len * h
-    if method != "full":  # frozen weights: no weight gradients (~1/3 less)
-      per_token = 4 * dense + 12 * l * tc.max_seq_len * h
-    flops = per_token * tokens
+    adapter_key = (method, tc.lora_rank, tuple(tc.lora_targets), tc.bottleneck_size,
+                   tc.bottleneck_reduction_factor)
+    if adapter_key not in trees_by_method:  # shapes only, ~1 s per method at roberta-base
+      trees_by_method[adapter_key] = flops_lib.parameter_shapes(config, tc)
+    flops = (flops_lib.train_flops_per_sequence(trees_by_method[adapter_key], config,
+                                                tc.max_seq_len, method)
+             * tc.epochs * n_train)
     total_flops += flops
     runs.append({"task": task, "method": method, "max_steps": tc.epochs * steps_per_epoch,
                  "epochs": tc.epochs, "batch_size": tc.batch_size, "train_examples": n_train,
