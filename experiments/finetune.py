@@ -7,7 +7,8 @@ Every hyper-parameter is a flag; unset flags take the preset's value (``--preset
 default ``tiny`` for the tiny/embedded bases and ``paper`` otherwise). Rerunning the
 same command after an interruption resumes from the latest checkpoint; a finished
 run is skipped unless ``--overwrite``. Data-parallel over every visible device;
-``--multihost`` starts the multi-host runtime first (Cloud TPU pods).
+``--multihost`` starts the multi-host runtime first (TPU pods, several GPU hosts; see
+``experiments/multihost.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import multihost
 from tvgeo_jax import partition
 from tvgeo_jax.training import presets
 
@@ -31,7 +33,6 @@ flags.DEFINE_enum("preset", None, list(presets.PRESETS),
                   "Hyper-parameter preset (default: tiny for the built-in models, else paper).")
 flags.DEFINE_string("out", None, "Run directory (default runs/<task>/<method>_<model>_s<seed>).")
 flags.DEFINE_bool("overwrite", False, "Redo a finished (or differently configured) run.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods).")
 flags.DEFINE_string("compilation_cache", "default",
                     "XLA compilation cache directory ('default': ~/.cache/tvgeo_jax/xla; "
                     "'' disables).")
@@ -108,9 +109,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.task:
     raise app.UsageError("--task is required (e.g. --task=synth_sst2 or --task=qnli).")
-  from tvgeo_jax.training import compile_cache, loop, sharding
-  if FLAGS.multihost:
-    sharding.initialize_multihost()
+  from tvgeo_jax.training import compile_cache, loop
+  multihost.initialize_if_requested()
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
   overrides = {name: FLAGS[name].value for name in HP_FLAGS}

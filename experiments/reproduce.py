@@ -14,13 +14,13 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import multihost
 from tvgeo_jax import reproduce
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "offline", list(reproduce.PRESETS), "Study preset.")
 flags.DEFINE_string("out", None, "Output directory (default out/<preset>).")
 flags.DEFINE_bool("dry_run", False, "Print the plan (runs, steps, FLOPs, memory) and exit.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods).")
 flags.DEFINE_bool("progress", True, "Show the overall progress bar.")
 flags.DEFINE_string("compilation_cache", "default",
                     "XLA compilation cache ('default': under the tvgeo_jax cache; '' disables).")
@@ -32,9 +32,8 @@ def main(argv):
   if FLAGS.dry_run:
     print(json.dumps(reproduce.dry_run_plan(preset), indent=2))
     return
-  from tvgeo_jax.training import compile_cache, sharding
-  if FLAGS.multihost:
-    sharding.initialize_multihost()
+  from tvgeo_jax.training import compile_cache
+  multihost.initialize_if_requested()
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
   out = FLAGS.out or os.path.join("out", preset.name)

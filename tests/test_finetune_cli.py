@@ -14,11 +14,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(tempfile.gettempdir(), "tvgeo_jax_test_xla_cache")
 
 
-def finetune(*args, timeout=240):
+def finetune_command(*args, **env):
+  """(argv, environment) of ``python -m experiments.finetune`` on the CPU; ``env``
+  adds environment variables."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", **env)
   cmd = [sys.executable, "-m", "experiments.finetune", f"--compilation_cache={CACHE}",
          "--progress=false", *args]
+  return cmd, env
+
+
+def finetune(*args, timeout=240, **env):
+  cmd, env = finetune_command(*args, **env)
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
 

@@ -15,9 +15,13 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=True)
+def _manager(directory: str, max_to_keep: int, name: str) -> ocp.CheckpointManager:
+  # Multi-host: orbax names its cross-process barriers after the step; ``name`` keeps
+  # the two managers' barriers apart when both save the same step ("Barrier
+  # _async_write_complete.20 is already ongoing", then a timeout, without it).
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -31,8 +35,8 @@ class RunCheckpoints:
 
   def __init__(self, run_dir: str):
     root = os.path.join(run_dir, "checkpoints")
-    self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2)
-    self.best = _manager(os.path.join(root, "best"), max_to_keep=1)
+    self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2, name="latest")
+    self.best = _manager(os.path.join(root, "best"), max_to_keep=1, name="best")
 
   # --- latest state ----------------------------------------------------------
   def save_latest(self, step: int, state: Mapping, meta: Mapping) -> None:

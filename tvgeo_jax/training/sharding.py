@@ -17,14 +17,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def initialize_multihost() -> None:
-  """Start the multi-host runtime (Cloud TPU pods, multi-node GPU).
+def initialize_multihost(coordinator_address: Optional[str] = None,
+                         num_processes: Optional[int] = None,
+                         process_id: Optional[int] = None) -> None:
+  """Start the multi-host runtime (Cloud TPU pods, multi-node GPU, several CPU processes).
 
-  On Cloud TPU ``jax.distributed.initialize()`` discovers the coordinator and
-  process ids itself; elsewhere it reads the usual environment variables.
-  Must run before anything touches a device.
+  Arguments left ``None`` are detected by ``jax.distributed.initialize`` (Cloud TPU,
+  SLURM, Open MPI, Kubernetes); elsewhere give all three. Must run before anything
+  touches a device.
   """
-  jax.distributed.initialize()
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
 
 
 def data_mesh(devices: Optional[list] = None) -> Mesh:
