@@ -31,7 +31,9 @@ def initialize_if_requested() -> None:
   given = [name for name in _DETAILS if FLAGS[name].value is not None]
   if not FLAGS.multihost:
     if given:
-      raise app.UsageError(f"--{', --'.join(given)} only apply with --multihost; add it.")
+      verb = "is" if len(given) == 1 else "are"
+      raise app.UsageError(f"--{', --'.join(given)} {verb} for --multihost runs; add "
+                           "--multihost, or leave it out for a single-host run.")
     return
   from tvgeo_jax.training import sharding
   sharding.initialize_multihost(**{name: FLAGS[name].value for name in _DETAILS})

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -23,6 +24,19 @@ import test_finetune_cli as cli
 
 _COMMON = ("--task=synth_sst2", "--method=full", "--model=tiny-random", "--epochs=2",
            "--data_scale=0.25", "--max_seq_len=16", "--eval_batch_size=32")
+
+
+_LOAD_SCRIPT = """
+import sys
+import jax
+import numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
+                           process_id=int(sys.argv[3]))
+from tvgeo_jax import runs
+params = runs.load_run(sys.argv[1]).params
+print("SUM", repr(sum(float(np.sum(np.asarray(v, np.float64)))
+                      for v in jax.tree.leaves(params))))
+"""
 
 
 def _free_port() -> int:
@@ -41,22 +55,16 @@ def _trajectory(run_dir):
 
 class MultiHostTest(absltest.TestCase):
 
-  def test_two_processes_match_one_process_with_two_devices(self):
-    base = tempfile.mkdtemp()
-    one, two = os.path.join(base, "one"), os.path.join(base, "two")
-    ref = cli.finetune(*_COMMON, f"--out={one}", timeout=300,
-                       XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    self.assertEqual(ref.returncode, 0, ref.stderr[-3000:])
+  def _run_processes(self, command, log_dir, name, n=2):
+    """Run ``command(port, i)`` -> (argv, env) for processes i < n; all must succeed.
 
+    Output goes to files, not pipes: a process blocked on a full pipe that nobody
+    reads would stall the others at the next barrier."""
     port = _free_port()
     procs, logs = [], []
-    for i in range(2):
-      cmd, env = cli.finetune_command(
-          *_COMMON, f"--out={two}", "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2", f"--process_id={i}")
-      # Output to files, not pipes: a process blocked on a full pipe that nobody reads
-      # would stall the other at the next barrier.
-      logs.append(open(os.path.join(base, f"process_{i}.log"), "w+"))
+    for i in range(n):
+      cmd, env = command(port, i)
+      logs.append(open(os.path.join(log_dir, f"{name}_{i}.log"), "w+"))
       procs.append(subprocess.Popen(cmd, cwd=cli.ROOT, env=env, stdout=logs[-1],
                                     stderr=subprocess.STDOUT, text=True))
     try:
@@ -65,10 +73,24 @@ class MultiHostTest(absltest.TestCase):
     finally:
       for p in procs:
         p.kill()
+    outputs = []
     for p, log in zip(procs, logs):
       log.seek(0)
-      self.assertEqual(p.returncode, 0, log.read()[-3000:])
+      outputs.append(log.read())
       log.close()
+      self.assertEqual(p.returncode, 0, outputs[-1][-3000:])
+    return outputs
+
+  def test_two_processes_match_one_process_with_two_devices(self):
+    base = tempfile.mkdtemp()
+    one, two = os.path.join(base, "one"), os.path.join(base, "two")
+    ref = cli.finetune(*_COMMON, f"--out={one}", timeout=300,
+                       XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    self.assertEqual(ref.returncode, 0, ref.stderr[-3000:])
+
+    self._run_processes(lambda port, i: cli.finetune_command(
+        *_COMMON, f"--out={two}", "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2", f"--process_id={i}"), base, "finetune")
 
     a, b = runs.load_run(one), runs.load_run(two)
     self.assertEqual(a.results["devices"]["count"], 2)
@@ -84,6 +106,15 @@ class MultiHostTest(absltest.TestCase):
     self.assertEqual(fa.keys(), fb.keys())
     for path in fa:
       np.testing.assert_allclose(fb[path], fa[path], rtol=1e-4, atol=1e-5, err_msg=str(path))
+    # Every process can read the finished run (runs.load_run -> checkpoint.load_tree onto
+    # its own device, without waiting for the others), as the analysis steps do.
+    outputs = self._run_processes(lambda port, i: (
+        [sys.executable, "-c", _LOAD_SCRIPT, two, f"127.0.0.1:{port}", str(i)],
+        cli.finetune_command()[1]), base, "load")
+    total = sum(float(np.sum(np.asarray(v, np.float64))) for v in fb.values())
+    for out in outputs:
+      line = next(l for l in out.splitlines() if l.startswith("SUM "))
+      self.assertAlmostEqual(float(line.split()[1]), total, places=6)
     # Evaluation saw every example once, gathered across the two processes.
     for split in ("validation", "test"):
       self.assertEqual(b.results["metrics"][split]["num_examples"],
@@ -95,7 +126,7 @@ class MultiHostTest(absltest.TestCase):
     proc = cli.finetune(*_COMMON, f"--out={tempfile.mkdtemp()}/run", "--num_processes=2",
                         timeout=120)
     self.assertNotEqual(proc.returncode, 0)
-    self.assertIn("--num_processes only apply with --multihost", proc.stderr)
+    self.assertIn("--num_processes is for --multihost runs; add --multihost", proc.stderr)
 
 
 if __name__ == "__main__":

@@ -77,26 +77,33 @@ class RunCheckpoints:
     self.best.close()
 
 
+def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+  """A checkpointer that involves this process alone: no cross-process barriers, so
+  one host may call it while the others do something else (multi-host)."""
+  me = jax.process_index()
+  options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
 def save_tree(directory: str, tree: Mapping) -> None:
   """Write a plain params tree to ``directory`` atomically (orbax, synchronous)."""
   from tvgeo_jax import io_utils
   with io_utils.atomic_directory(directory) as tmp:
     os.rmdir(tmp)  # orbax creates the directory itself (via its own temp + rename).
     # Host numpy arrays written by this process alone (multi-host: only process 0 calls).
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    with ocp.StandardCheckpointer(multiprocessing_options=options) as ckptr:
+    with _this_process_checkpointer() as ckptr:
       ckptr.save(tmp, tree)
       ckptr.wait_until_finished()
 
 
 def load_tree(directory: str) -> dict:
-  """A tree written by ``save_tree``, as numpy arrays."""
+  """A tree written by ``save_tree``, as numpy arrays (read by this process alone)."""
   import numpy as np
-  with ocp.StandardCheckpointer() as ckptr:
+  with _this_process_checkpointer() as ckptr:
     meta = ckptr.metadata(os.path.abspath(directory))
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    # This process's own CPU device: jax.devices("cpu")[0] is process 0's on the others.
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
     restored = ckptr.restore(os.path.abspath(directory), target)
   return jax.tree.map(np.asarray, restored)
