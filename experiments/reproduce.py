@@ -5,6 +5,11 @@ r"""Run the whole study and write report.md / report.html.
   python -m experiments.reproduce --preset=paper --dry_run   # the plan, offline
 
 Rerunning the same command resumes: finished steps (runs, grids, studies) are skipped.
+
+With ``--multihost`` (run on every host, see ``experiments/multihost.py``) the study's
+fine-tuning runs train data-parallel over all hosts, and the command stops there; the
+analysis (distances, merges, representations, report) then runs on one host with the
+same command without ``--multihost``, skipping the finished runs.
 """
 from __future__ import annotations
 
@@ -38,7 +43,14 @@ def main(argv):
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
   out = FLAGS.out or os.path.join("out", preset.name)
   t0 = time.time()
-  reproduce.Pipeline(preset, out).run(progress=FLAGS.progress)
+  reproduce.Pipeline(preset, out).run(progress=FLAGS.progress, training_only=FLAGS.multihost)
+  if FLAGS.multihost:
+    import jax
+    print(f"fine-tuning runs done on {jax.process_count()} hosts in "
+          f"{(time.time() - t0) / 60:.1f} min; the analysis runs on one host: python -m "
+          f"experiments.reproduce --preset={preset.name} --out={out} (finished runs are "
+          "skipped)")
+    return
   print(f"report: {os.path.join(out, 'report.md')} and report.html "
         f"({(time.time() - t0) / 60:.1f} min)")
 

@@ -26,16 +26,27 @@ _COMMON = ("--task=synth_sst2", "--method=full", "--model=tiny-random", "--epoch
            "--data_scale=0.25", "--max_seq_len=16", "--eval_batch_size=32")
 
 
-_LOAD_SCRIPT = """
-import sys
+# Run by two processes after the multi-host run: each reads it back (load_tree onto its own
+# device, without waiting for the other), then they train two more runs one after the
+# other, as the study pipeline does: the second run's checkpoint saves used to wait
+# forever, because process 0's params save alone had put orbax's save count out of step.
+_SECOND_SCRIPT = """
+import os, sys
 import jax
 import numpy as np
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
                            process_id=int(sys.argv[3]))
 from tvgeo_jax import runs
+from tvgeo_jax.training import compile_cache, loop, presets
+compile_cache.enable(sys.argv[5])
 params = runs.load_run(sys.argv[1]).params
 print("SUM", repr(sum(float(np.sum(np.asarray(v, np.float64)))
                       for v in jax.tree.leaves(params))))
+for method in ("full", "lora"):
+  config = presets.resolve("synth_sst2", method, "tiny-random", overrides=dict(
+      epochs=1, data_scale=0.25, max_seq_len=16, eval_batch_size=32, progress=False))
+  res = loop.finetune(config, os.path.join(sys.argv[4], method))
+  print("RUN", method, res["devices"]["processes"])
 """
 
 
@@ -106,15 +117,18 @@ class MultiHostTest(absltest.TestCase):
     self.assertEqual(fa.keys(), fb.keys())
     for path in fa:
       np.testing.assert_allclose(fb[path], fa[path], rtol=1e-4, atol=1e-5, err_msg=str(path))
-    # Every process can read the finished run (runs.load_run -> checkpoint.load_tree onto
-    # its own device, without waiting for the others), as the analysis steps do.
+    # Every process reads the run back; then two runs in a row in the same processes.
     outputs = self._run_processes(lambda port, i: (
-        [sys.executable, "-c", _LOAD_SCRIPT, two, f"127.0.0.1:{port}", str(i)],
-        cli.finetune_command()[1]), base, "load")
+        [sys.executable, "-c", _SECOND_SCRIPT, two, f"127.0.0.1:{port}", str(i),
+         os.path.join(base, "more"), cli.CACHE], cli.finetune_command()[1]), base, "second")
     total = sum(float(np.sum(np.asarray(v, np.float64))) for v in fb.values())
     for out in outputs:
       line = next(l for l in out.splitlines() if l.startswith("SUM "))
       self.assertAlmostEqual(float(line.split()[1]), total, places=6)
+      self.assertIn("RUN lora 2", out)
+      self.assertIn("RUN full 2", out)
+    for method in ("lora", "full"):
+      self.assertTrue(runs.is_finished(os.path.join(base, "more", method)), method)
     # Evaluation saw every example once, gathered across the two processes.
     for split in ("validation", "test"):
       self.assertEqual(b.results["metrics"][split]["num_examples"],

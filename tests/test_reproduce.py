@@ -53,6 +53,16 @@ class SmokeReproductionTest(absltest.TestCase):
     self.assertIn("data:image/png;base64,", page)  # figures inlined: self-contained
     self.assertNotRegex(page, r'<img src="(?!data:)')
 
+  def test_training_only_runs_the_base_and_the_fine_tuning_alone(self):
+    # What --multihost runs on every host; the analysis is left to a single-host rerun.
+    names = [s.name for s in self.pipe.steps() if s.training]
+    self.assertEqual(names, ["base"] + [f"finetune {t} {m}"
+                                        for t, m in self.pipe.finetune_jobs()])
+    report = os.path.join(self.out, "report.md")
+    before = os.stat(report).st_mtime_ns
+    self.pipe.run(progress=False, training_only=True)
+    self.assertEqual(os.stat(report).st_mtime_ns, before)  # the report step did not run
+
   def test_rerun_skips_finished_steps(self):
     state = reproduce.Pipeline(self.pipe.preset, self.out).run(progress=False)
     # Only the report is rebuilt; every other step was found done.

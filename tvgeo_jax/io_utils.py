@@ -46,12 +46,19 @@ def atomic_directory(path: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  replace_directory(tmp, path)
+
+
+def replace_directory(src: str, path: str) -> None:
+  """Move the complete directory ``src`` to ``path``, replacing what is there: the old
+  directory is moved aside first and removed only once ``src`` is in place."""
+  path = os.path.abspath(path)
   old = None
   if os.path.exists(path):
-    old = tempfile.mkdtemp(dir=parent, prefix=".old-" + os.path.basename(path))
+    old = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".old-" + os.path.basename(path))
     os.rmdir(old)
     os.replace(path, old)
-  os.replace(tmp, path)
+  os.replace(src, path)
   if old:
     shutil.rmtree(old, ignore_errors=True)
 

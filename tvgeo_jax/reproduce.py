@@ -100,6 +100,7 @@ class Step:
   name: str
   run: Callable[[], Any]
   done: Callable[[], bool]
+  training: bool = False  # the base and the fine-tuning runs: multi-host capable
 
 
 class Pipeline:
@@ -124,12 +125,12 @@ class Pipeline:
   def steps(self) -> List[Step]:
     from tvgeo_jax import runs
     p = self.preset
-    steps = [Step("base", self._base, lambda: False)]
+    steps = [Step("base", self._base, lambda: False, training=True)]
     for task, method in self.finetune_jobs():
       d = self.run_dir(task, method)
       steps.append(Step(f"finetune {task} {method}",
                         lambda t=task, m=method: self._finetune(t, m),
-                        lambda d=d: runs.is_finished(d)))
+                        lambda d=d: runs.is_finished(d), training=True))
     for method in p.methods:
       out = os.path.join(self.out, "distances", method)
       steps.append(Step(f"distances {method}", lambda m=method: self._distances(m),
@@ -148,9 +149,14 @@ class Pipeline:
     steps.append(Step("report", self._report, lambda: False))
     return steps
 
-  def run(self, progress: bool = True) -> Dict[str, Any]:
+  def run(self, progress: bool = True, training_only: bool = False) -> Dict[str, Any]:
+    """Run every step not done yet (``training_only``: the base and the fine-tuning
+    runs, which is what a multi-host launch runs: every host calls this, each run is
+    data-parallel over all of them, process 0 writes). Returns the pipeline state."""
+    import jax
     from tqdm.auto import tqdm
-    steps = self.steps()
+    steps = [s for s in self.steps() if s.training or not training_only]
+    writer = jax.process_index() == 0
     state_path = os.path.join(self.out, STATE_FILE)
     state = io_utils.read_json(state_path) if os.path.exists(state_path) else {"steps": {}}
     t0 = time.time()
@@ -165,16 +171,23 @@ class Pipeline:
       t = time.time()
       step.run()
       state["steps"][step.name] = {"seconds": round(time.time() - t, 1)}
-      io_utils.atomic_write_json(state_path, state)
+      if writer:
+        io_utils.atomic_write_json(state_path, state)
     state["last_total_seconds"] = round(time.time() - t0, 1)
-    io_utils.atomic_write_json(state_path, state)
+    if writer:
+      io_utils.atomic_write_json(state_path, state)
     return state
 
   # --- steps ---------------------------------------------------------------------
   def _base(self):
     if self.preset.model == "embedded":
+      import jax
       from tvgeo_jax import embedded
-      embedded.ensure_embedded_base()
+      if jax.process_index() == 0:  # multi-host: one host builds, the others wait for it
+        embedded.ensure_embedded_base()
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("tvgeo_jax embedded base")
 
   def _finetune(self, task: str, method: str):
     from tvgeo_jax.training import loop

@@ -43,12 +43,19 @@ def resolve_base_path(model: str) -> Optional[str]:
 
 def write_outputs(run_dir: str, params: Mapping, model_config: EncoderConfig,
                   method: str, results: Dict[str, Any], base_model: str) -> None:
-  """params/, hf/, adapter/ (as the method has them), then results.json last."""
+  """params/, hf/, adapter/ (as the method has them), then results.json last.
+
+  Multi-host: every process calls this (the params save takes all of them); process 0
+  writes the files.
+  """
+  import jax
   from tvgeo_jax import lora
   from tvgeo_jax.models import save_pretrained
   from tvgeo_jax.training.checkpoint import save_tree
 
   save_tree(os.path.join(run_dir, PARAMS), params)
+  if jax.process_index() != 0:
+    return
   if method == "full":
     save_pretrained(os.path.join(run_dir, HF), model_config, params)
   elif method == "lora":

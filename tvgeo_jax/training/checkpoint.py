@@ -8,17 +8,25 @@ a kill mid-save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
 
+# Multi-host: orbax names its cross-process barriers after the step, so every manager a
+# process opens gets a name of its own. Without it, the latest and best managers that save
+# the same step collide ("Barrier _async_write_complete.20 is already ongoing", then a
+# timeout), and so do two runs of one process that reach the same step numbers (the
+# study's runs, one after another: the second run's save waited forever). Every process
+# opens the same runs in the same order, so the count agrees across processes.
+_RUN_COUNT = itertools.count()
+
+
 def _manager(directory: str, max_to_keep: int, name: str) -> ocp.CheckpointManager:
-  # Multi-host: orbax names its cross-process barriers after the step; ``name`` keeps
-  # the two managers' barriers apart when both save the same step ("Barrier
-  # _async_write_complete.20 is already ongoing", then a timeout, without it).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
       multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
@@ -35,8 +43,9 @@ class RunCheckpoints:
 
   def __init__(self, run_dir: str):
     root = os.path.join(run_dir, "checkpoints")
-    self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2, name="latest")
-    self.best = _manager(os.path.join(root, "best"), max_to_keep=1, name="best")
+    n = next(_RUN_COUNT)
+    self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2, name=f"run{n}-latest")
+    self.best = _manager(os.path.join(root, "best"), max_to_keep=1, name=f"run{n}-best")
 
   # --- latest state ----------------------------------------------------------
   def save_latest(self, step: int, state: Mapping, meta: Mapping) -> None:
@@ -79,21 +88,38 @@ class RunCheckpoints:
 
 def _this_process_checkpointer() -> ocp.StandardCheckpointer:
   """A checkpointer that involves this process alone: no cross-process barriers, so
-  one host may call it while the others do something else (multi-host)."""
+  one host may read while the others do something else (multi-host)."""
   me = jax.process_index()
   options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
   return ocp.StandardCheckpointer(multiprocessing_options=options)
 
 
 def save_tree(directory: str, tree: Mapping) -> None:
-  """Write a plain params tree to ``directory`` atomically (orbax, synchronous)."""
+  """Write a plain params tree (host arrays) to ``directory`` atomically (orbax, sync).
+
+  Multi-host: every process calls it and process 0 writes. Orbax numbers its saves per
+  process and pairs the hosts' later checkpoint saves by that number, so a save by one
+  host alone would leave the next run's saves waiting forever.
+  """
   from tvgeo_jax import io_utils
-  with io_utils.atomic_directory(directory) as tmp:
-    os.rmdir(tmp)  # orbax creates the directory itself (via its own temp + rename).
-    # Host numpy arrays written by this process alone (multi-host: only process 0 calls).
-    with _this_process_checkpointer() as ckptr:
-      ckptr.save(tmp, tree)
-      ckptr.wait_until_finished()
+  if jax.process_count() == 1:
+    with io_utils.atomic_directory(directory) as tmp:
+      os.rmdir(tmp)  # orbax creates the directory itself (via its own temp + rename).
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp, tree)
+        ckptr.wait_until_finished()
+    return
+  from jax.experimental import multihost_utils
+  staging = os.path.abspath(directory).rstrip(os.sep) + ".saving"  # the same on every host
+  if jax.process_index() == 0 and os.path.exists(staging):
+    shutil.rmtree(staging)  # a save that was interrupted
+  multihost_utils.sync_global_devices(f"tvgeo_jax save_tree {staging}")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(staging, tree)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    io_utils.replace_directory(staging, directory)
+  multihost_utils.sync_global_devices(f"tvgeo_jax save_tree {directory} done")
 
 
 def load_tree(directory: str) -> dict:

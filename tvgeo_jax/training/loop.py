@@ -338,7 +338,6 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
                      "trainable_share": n_trainable / max(n_total, 1)},
       "devices": _devices_info(mesh), "history": history,
   }
-  if jax.process_index() == 0:
-    runs.write_outputs(run_dir, host_params, model_config, config.method, results,
-                       base_model=runs.resolve_base_path(config.model) or config.model)
+  runs.write_outputs(run_dir, host_params, model_config, config.method, results,
+                     base_model=runs.resolve_base_path(config.model) or config.model)
   return results
