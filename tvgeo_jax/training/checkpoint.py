@@ -20,9 +20,9 @@ import orbax.checkpoint as ocp
 # Multi-host: orbax names its cross-process barriers after the step, so every manager a
 # process opens gets a name of its own. Without it, the latest and best managers that save
 # the same step collide ("Barrier _async_write_complete.20 is already ongoing", then a
-# timeout), and so do two runs of one process that reach the same step numbers (the
-# study's runs, one after another: the second run's save waited forever). Every process
-# opens the same runs in the same order, so the count agrees across processes.
+# timeout). The run number keeps names from repeating across the runs of one process (a
+# precaution; the hang seen with two runs in one process came from the params save, see
+# save_tree). Every process opens the same runs in the same order, so the numbers agree.
 _RUN_COUNT = itertools.count()
 
 
