@@ -75,6 +75,9 @@ class MultiHostTest(absltest.TestCase):
     procs, logs = [], []
     for i in range(n):
       cmd, env = command(port, i)
+      # Process 0 serves the coordinator on the loopback (JAX's default is every IPv6
+      # interface, which a CI machine without IPv6 may not have).
+      env = dict(env, JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")
       logs.append(open(os.path.join(log_dir, f"{name}_{i}.log"), "w+"))
       procs.append(subprocess.Popen(cmd, cwd=cli.ROOT, env=env, stdout=logs[-1],
                                     stderr=subprocess.STDOUT, text=True))
