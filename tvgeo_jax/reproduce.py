@@ -183,11 +183,10 @@ class Pipeline:
     if self.preset.model == "embedded":
       import jax
       from tvgeo_jax import embedded
+      from tvgeo_jax.training.sharding import wait_for_all_processes
       if jax.process_index() == 0:  # multi-host: one host builds, the others wait for it
         embedded.ensure_embedded_base()
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("tvgeo_jax embedded base")
+      wait_for_all_processes("tvgeo_jax embedded base")
 
   def _finetune(self, task: str, method: str):
     from tvgeo_jax.training import loop

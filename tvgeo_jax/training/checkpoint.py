@@ -95,31 +95,26 @@ def _this_process_checkpointer() -> ocp.StandardCheckpointer:
 
 
 def save_tree(directory: str, tree: Mapping) -> None:
-  """Write a plain params tree (host arrays) to ``directory`` atomically (orbax, sync).
+  """Write a plain params tree (host arrays) to ``directory`` atomically (orbax, sync):
+  into ``<directory>.saving``, then swapped into place, so an interrupted save leaves
+  the previous tree intact (and its leftover is cleared by the next save).
 
   Multi-host: every process calls it and process 0 writes. Orbax numbers its saves per
   process and pairs the hosts' later checkpoint saves by that number, so a save by one
   host alone would leave the next run's saves waiting forever.
   """
   from tvgeo_jax import io_utils
-  if jax.process_count() == 1:
-    with io_utils.atomic_directory(directory) as tmp:
-      os.rmdir(tmp)  # orbax creates the directory itself (via its own temp + rename).
-      with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp, tree)
-        ckptr.wait_until_finished()
-    return
-  from jax.experimental import multihost_utils
+  from tvgeo_jax.training.sharding import wait_for_all_processes
   staging = os.path.abspath(directory).rstrip(os.sep) + ".saving"  # the same on every host
   if jax.process_index() == 0 and os.path.exists(staging):
-    shutil.rmtree(staging)  # a save that was interrupted
-  multihost_utils.sync_global_devices(f"tvgeo_jax save_tree {staging}")
-  with ocp.StandardCheckpointer() as ckptr:
+    shutil.rmtree(staging)
+  wait_for_all_processes(f"tvgeo_jax save_tree {staging}")
+  with ocp.StandardCheckpointer() as ckptr:  # orbax writes its own temp, then renames
     ckptr.save(staging, tree)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
     io_utils.replace_directory(staging, directory)
-  multihost_utils.sync_global_devices(f"tvgeo_jax save_tree {directory} done")
+  wait_for_all_processes(f"tvgeo_jax save_tree {directory} done")
 
 
 def load_tree(directory: str) -> dict:

@@ -30,6 +30,14 @@ def initialize_multihost(coordinator_address: Optional[str] = None,
                              num_processes=num_processes, process_id=process_id)
 
 
+def wait_for_all_processes(name: str) -> None:
+  """A barrier across the processes of a multi-host run (``name`` must agree on all of
+  them); nothing to wait for in a single process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def data_mesh(devices: Optional[list] = None) -> Mesh:
   """A 1-D mesh over all (global) devices with axis ``"data"``."""
   devices = jax.devices() if devices is None else devices
