@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments import multihost
+from experiments import cli, multihost
 from tvgeo_jax import partition
 from tvgeo_jax.training import presets
 
@@ -32,7 +31,14 @@ flags.DEFINE_string("model", "roberta-base",
 flags.DEFINE_enum("preset", None, list(presets.PRESETS),
                   "Hyper-parameter preset (default: tiny for the built-in models, else paper).")
 flags.DEFINE_string("out", None, "Run directory (default runs/<task>/<method>_<model>_s<seed>).")
-flags.DEFINE_bool("overwrite", False, "Redo a finished (or differently configured) run.")
+flags.DEFINE_bool("overwrite", False,
+                  "Redo a finished (or differently configured) run. Only a run directory is "
+                  "replaced, and the old run is kept as OUT.previous until the new one has "
+                  "its first checkpoint.")
+flags.DEFINE_list("resume_with", None,
+                  "Resume an unfinished run with changed values, e.g. learning_rate=1e-4 "
+                  "after a non-finite loss (learning_rate, max_grad_norm, weight_decay, "
+                  "adam_eps, dtype); recorded in results.json.")
 flags.DEFINE_string("compilation_cache", "default",
                     "XLA compilation cache directory ('default': ~/.cache/tvgeo_jax/xla; "
                     "'' disables).")
@@ -91,43 +97,22 @@ def _summary(results: dict, out: str) -> str:
           f"({100 * p['trainable_share']:.3f}%); {results['wall_time_s']:.1f} s; {out}")
 
 
-def _quiet_orbax() -> None:
-  """Drop orbax's per-save INFO lines (dozens per checkpoint) unless --verbosity >= 1."""
-  import logging as std_logging
-
-  class _Filter(std_logging.Filter):
-    def filter(self, record):
-      return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-  if FLAGS.verbosity < 1:
-    logging.get_absl_handler().addFilter(_Filter())
-
-
 def main(argv):
-  _quiet_orbax()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.task:
     raise app.UsageError("--task is required (e.g. --task=synth_sst2 or --task=qnli).")
-  from tvgeo_jax.training import compile_cache, loop
+  from tvgeo_jax.training import compile_cache, config as config_lib, loop
+  resume_with = config_lib.parse_resume_with(FLAGS.resume_with)
   multihost.initialize_if_requested()
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
   overrides = {name: FLAGS[name].value for name in HP_FLAGS}
-  try:
-    config = presets.resolve(FLAGS.task, FLAGS.method, FLAGS.model, FLAGS.preset, overrides)
-    out = FLAGS.out or default_out(config)
-    results = loop.finetune(config, out, overwrite=FLAGS.overwrite)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    logging.error("%s", e)
-    sys.exit(f"finetune: error: {e}")
-  except loop.StopRequested as e:
-    sys.exit(f"finetune: stopped: {e}")
-  except KeyboardInterrupt:
-    sys.exit("finetune: interrupted; rerun the same command to resume from the latest "
-             "checkpoint.")
+  config = presets.resolve(FLAGS.task, FLAGS.method, FLAGS.model, FLAGS.preset, overrides)
+  out = FLAGS.out or default_out(config)
+  results = loop.finetune(config, out, overwrite=FLAGS.overwrite, resume_with=resume_with)
   print(_summary(results, os.path.abspath(out)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from experiments import cli
+
 from tvgeo_jax import geometry, sources
 
 FLAGS = flags.FLAGS
@@ -57,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from experiments import cli
+
 from tvgeo_jax import merge_study, sources
 
 FLAGS = flags.FLAGS
@@ -62,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
+
+from experiments import cli
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +52,7 @@ def main(argv):
   try:
     layers = [int(l) for l in FLAGS.layers] if FLAGS.layers else None
   except ValueError:
-    sys.exit(f"representations: error: --layers must be integers, got {FLAGS.layers}.")
+    raise app.UsageError(f"--layers must be integers, got {FLAGS.layers}.") from None
   out = FLAGS.out or os.path.join("runs", FLAGS.task or "task", "representations")
   kwargs = dict(layers=layers, estimator=FLAGS.estimator,
                 cka_batch_size=FLAGS.cka_batch_size or None, umap=FLAGS.umap,
@@ -59,13 +60,10 @@ def main(argv):
                 approximate=FLAGS.approximate, n_clusters=FLAGS.clusters)
   if FLAGS.seed is not None:
     kwargs["seed"] = FLAGS.seed
-  try:
-    summary = representations.run_study(
-        FLAGS.runs, out, task=FLAGS.task, base=FLAGS.base, split=FLAGS.split,
-        max_examples=FLAGS.max_examples, token=FLAGS.token, batch_size=FLAGS.batch_size,
-        **kwargs)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    sys.exit(f"representations: error: {e}")
+  summary = representations.run_study(
+      FLAGS.runs, out, task=FLAGS.task, base=FLAGS.base, split=FLAGS.split,
+      max_examples=FLAGS.max_examples, token=FLAGS.token, batch_size=FLAGS.batch_size,
+      **kwargs)
   print(f"{summary['task']}: models {', '.join(summary['models'])} on "
         f"{summary['num_examples']} {summary['split']} examples; outputs in "
         f"{os.path.abspath(out)}")
@@ -73,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

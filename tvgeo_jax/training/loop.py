@@ -11,9 +11,8 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -22,8 +21,9 @@ import numpy as np
 
 from tvgeo_jax import io_utils, partition, runs
 from tvgeo_jax.training import checkpoint as ckpt_lib
+from tvgeo_jax.training import run_dir as run_dir_lib
 from tvgeo_jax.training import methods, optim, sharding, step as step_lib
-from tvgeo_jax.training.config import TrainConfig, config_differences
+from tvgeo_jax.training.config import TrainConfig, check_resume_changes, config_differences
 from tvgeo_jax.training.early_stopping import EarlyStopping
 
 Batch = Dict[str, np.ndarray]
@@ -109,15 +109,60 @@ def _raise_on_config_change(run_dir: str, saved: Mapping[str, Any], config: Trai
         "the saved values, pass --overwrite to start afresh, or choose another --out.")
 
 
-def _check_or_write_config(run_dir: str, config: TrainConfig) -> bool:
-  """True when resuming. Raises if the saved config differs in a result-relevant field."""
+def _start_or_resume(run_dir: str, config: TrainConfig, has_checkpoint: bool,
+                     resume_with: Mapping[str, Any]) -> Tuple[bool, TrainConfig, list]:
+  """(resuming, the config to train with, the ``resume_with`` record) for ``run_dir``.
+
+  A run with a checkpoint resumes: the command's config must match the saved one in every
+  result-relevant field, except those changed on purpose with ``resume_with`` (recorded
+  with the step they apply from). A run that never reached a checkpoint starts afresh
+  with the command's config, whatever it saved before.
+  """
   path = os.path.join(run_dir, runs.RUN_CONFIG)
-  if os.path.exists(path):
-    _raise_on_config_change(run_dir, io_utils.read_json(path), config, "an unfinished run")
-    return True
+  saved = io_utils.read_json(path) if os.path.exists(path) else None
+  if saved is not None and has_checkpoint:
+    record = list(saved.pop("resume_with", []))
+    _raise_on_config_change(run_dir, saved, config, "an unfinished run")
+    if resume_with and (not record or record[-1]["changes"] != dict(resume_with)):
+      record.append({"from_step": None, "changes": dict(resume_with)})  # step set on restore
+    effective = config
+    for entry in record:
+      effective = effective.replace(**entry["changes"])
+    return True, effective, record
+  if resume_with:
+    raise ValueError(f"--resume_with needs a checkpoint to resume from and {run_dir!r} has "
+                     "none; pass the new values as ordinary flags instead (the run starts "
+                     "afresh).")
+  if saved is not None:
+    logging.info("%s never reached a checkpoint; starting afresh with this configuration.",
+                 run_dir)
+  _write_run_config(run_dir, config, [])
+  return False, config, []
+
+
+def _write_run_config(run_dir: str, config: TrainConfig, resume_record: list) -> None:
   if jax.process_index() == 0:
-    io_utils.atomic_write_json(path, config.to_dict())
-  return False
+    d = config.to_dict()
+    if resume_record:
+      d["resume_with"] = resume_record
+    io_utils.atomic_write_json(os.path.join(run_dir, runs.RUN_CONFIG), d)
+
+
+def _non_finite_message(loss: float, gnorm: float, at_step: int, epoch: int, run_dir: str,
+                        last: Optional[int], config: TrainConfig) -> str:
+  where = (f"Non-finite training loss {loss} (gradient norm {gnorm}) at step {at_step} "
+           f"(epoch {epoch}); stopped.")
+  changes = f"learning_rate={config.learning_rate / 10:g}"
+  if config.dtype != "float32":
+    changes += ",dtype=float32"
+  if last is None:
+    flags_ = " ".join("--" + c for c in changes.split(","))
+    return (f"{where} No checkpoint was saved yet: rerun with {flags_} (or other values); "
+            "the run starts afresh with them.")
+  return (f"{where} The last good checkpoint (step {last}) is kept in {run_dir}/checkpoints: "
+          f"rerun the same command with --resume_with={changes} to continue from it (recorded "
+          "in results.json), or with --overwrite and new flags to start afresh; also check "
+          "the data.")
 
 
 class _MetricsLog:
@@ -153,27 +198,46 @@ def _load_data(config: TrainConfig) -> TrainingData:
 # --- the run -----------------------------------------------------------------------
 
 def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] = None,
-             overwrite: bool = False, mesh=None) -> Dict[str, Any]:
+             overwrite: bool = False, mesh=None,
+             resume_with: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """Fine-tune ``config.model`` on ``config.task`` into ``run_dir``; returns results.json.
 
   A finished run is returned as is unless ``overwrite`` (its config must match);
-  an unfinished one resumes from its latest checkpoint (same config required).
+  an unfinished one resumes from its latest readable checkpoint (same config
+  required, except the fields of ``resume_with``, e.g. ``{"learning_rate": 1e-4}``
+  after a non-finite loss; see ``config.RESUME_CHANGEABLE``). ``overwrite`` replaces
+  only a run directory, and only after the task, model and data have loaded; the old
+  run is kept aside until the new one saves its first checkpoint.
   """
   config.validate()
+  resume_with = dict(resume_with or {})
+  check_resume_changes(resume_with)
   run_dir = os.path.abspath(run_dir)
-  if overwrite and os.path.exists(run_dir) and jax.process_index() == 0:
-    shutil.rmtree(run_dir)
-  if runs.is_finished(run_dir):
+  run_dir_lib.check_usable(run_dir)
+  if runs.is_finished(run_dir) and not overwrite:
     results = io_utils.read_json(os.path.join(run_dir, runs.RESULTS))
     _raise_on_config_change(run_dir, results["config"], config, "a finished run")
     logging.info("%s is a finished run; skipping (pass --overwrite to redo it).", run_dir)
     return results
-  data = data if data is not None else _load_data(config)  # bad task names fail here
-  os.makedirs(run_dir, exist_ok=True)
-  resuming = _check_or_write_config(run_dir, config)
-  t_start = time.time()
+  # Everything that can fail on a bad task, model or data name fails before run_dir is touched.
+  data = data if data is not None else _load_data(config)
+  model_config, base = _load_base(config, data)
+  guard = _RunDirectoryGuard(run_dir, overwrite)
+  ckpts = None
+  try:
+    ckpts = ckpt_lib.RunCheckpoints(run_dir)
+    return _train(config, run_dir, data, model_config, base, mesh, resume_with, guard, ckpts)
+  except BaseException:
+    if ckpts is not None:
+      ckpts.wait()
+      ckpts.close()
+    guard.failed()
+    raise
+  finally:
+    guard.release()
 
-  # Model and method.
+
+def _load_base(config: TrainConfig, data: TrainingData):
   from tvgeo_jax.models import load_pretrained
   model_config, base = load_pretrained(config.model, num_labels=data.num_labels,
                                        label_names=tuple(data.label_names) or None,
@@ -181,25 +245,66 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
   if config.dropout is not None:
     model_config = model_config.replace(hidden_dropout_prob=config.dropout,
                                         attention_probs_dropout_prob=config.dropout)
-  params = methods.prepare_params(base, model_config, config)
-  trainable, frozen = partition.split(params, config.method)
-  n_trainable, n_total = partition.count_parameters(params, config.method)
+  return model_config, base
+
+
+class _RunDirectoryGuard:
+  """The run directory's lock and a pending ``--overwrite`` (process 0 does the file work)."""
+
+  def __init__(self, run_dir: str, overwrite: bool):
+    self.primary = jax.process_index() == 0
+    self.lock = run_dir_lib.RunLock(run_dir)
+    self.replace = run_dir_lib.Overwrite(run_dir)
+    if self.primary:
+      if overwrite or os.path.exists(self.replace.previous):
+        if os.path.isdir(run_dir):
+          self.lock.acquire().release()  # refuses while another process trains here
+        self.replace.move_aside()
+      os.makedirs(run_dir, exist_ok=True)
+      self.lock.acquire()
+    sharding.wait_for_all_processes(f"tvgeo_jax run directory {run_dir} ready")
+
+  def checkpoint_saved(self) -> None:
+    if self.primary:
+      self.replace.commit()
+
+  def failed(self) -> None:
+    if self.primary:
+      self.lock.release()
+      self.replace.roll_back()
+
+  def release(self) -> None:
+    if self.primary:
+      self.lock.release()
+
+
+def _train(config: TrainConfig, run_dir: str, data: TrainingData, model_config, base, mesh,
+           resume_with: Mapping[str, Any], guard: _RunDirectoryGuard,
+           ckpts: ckpt_lib.RunCheckpoints) -> Dict[str, Any]:
+  resuming, train_config, resume_record = _start_or_resume(
+      run_dir, config, bool(ckpts.latest.all_steps()), resume_with)
+  t_start = time.time()
+
+  params = methods.prepare_params(base, model_config, train_config)
+  trainable, frozen = partition.split(params, train_config.method)
+  n_trainable, n_total = partition.count_parameters(params, train_config.method)
   mesh = mesh if mesh is not None else sharding.data_mesh()
-  dtype = jnp.dtype(config.dtype)
+  dtype = jnp.dtype(train_config.dtype)
 
   class_weights = None
-  if config.class_weights and not data.is_regression:
+  if train_config.class_weights and not data.is_regression:
     if data.train_labels is None:
       raise ValueError("class_weights needs the training labels (TrainingData.train_labels).")
     class_weights = step_lib.balanced_class_weights(data.train_labels, data.num_labels)
 
-  total_steps = config.epochs * data.num_train_batches
+  total_steps = train_config.epochs * data.num_train_batches
   optimizer = optim.make_optimizer(
-      trainable, learning_rate=config.learning_rate, total_steps=total_steps,
-      warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
-      max_grad_norm=config.max_grad_norm, b1=config.adam_b1, b2=config.adam_b2,
-      eps=config.adam_eps)
-  schedule = optim.linear_schedule(config.learning_rate, total_steps, config.warmup_ratio)
+      trainable, learning_rate=train_config.learning_rate, total_steps=total_steps,
+      warmup_ratio=train_config.warmup_ratio, weight_decay=train_config.weight_decay,
+      max_grad_norm=train_config.max_grad_norm, b1=train_config.adam_b1,
+      b2=train_config.adam_b2, eps=train_config.adam_eps)
+  schedule = optim.linear_schedule(train_config.learning_rate, total_steps,
+                                   train_config.warmup_ratio)
   state = sharding.replicate(step_lib.init_state(trainable, optimizer), mesh)
   frozen = sharding.replicate(frozen, mesh)
   train_step = step_lib.make_train_step(
@@ -210,7 +315,6 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
                                       is_regression=data.is_regression, dtype=dtype)
 
   # Resume.
-  ckpts = ckpt_lib.RunCheckpoints(run_dir)
   epoch, position = 0, 0
   stopper = EarlyStopping(patience=config.patience)
   history: List[Dict[str, Any]] = []
@@ -224,10 +328,21 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
     elapsed_before = float(meta.get("elapsed_s", 0.0))
     logging.info("Resuming %s from step %d (epoch %d, batch %d).", run_dir,
                  int(state["step"]), epoch, position)
-  elif resuming:
-    logging.info("%s: no complete checkpoint yet; starting from step 0.", run_dir)
+    if resume_record and resume_record[-1]["from_step"] is None:
+      resume_record[-1]["from_step"] = int(state["step"])
+      logging.warning("Resuming with %s from step %d.", resume_record[-1]["changes"],
+                      int(state["step"]))
+    _write_run_config(run_dir, config, resume_record)
   log = _MetricsLog(os.path.join(run_dir, runs.METRICS_LOG),
                     int(state["step"]) if restored is not None else None)
+  first_save = [restored is None]  # an --overwrite is complete at the first checkpoint
+
+  def save_latest(step_no_, epoch_, position_):
+    ckpts.save_latest(step_no_, state, meta_now(epoch_, position_))
+    if first_save[0]:
+      ckpts.wait()
+      guard.checkpoint_saved()
+      first_save[0] = False
 
   def meta_now(epoch_, position_):
     return {"epoch": epoch_, "position": position_, "early_stopping": stopper.to_dict(),
@@ -237,14 +352,11 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
     loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
       ckpts.wait()
-      last = ckpts.latest.latest_step()
-      raise NonFiniteLossError(
-          f"Non-finite training loss {loss} (gradient norm {gnorm}) at step {at_step} "
-          f"(epoch {epoch}); stopped. The last good checkpoint (step {last}) is kept in "
-          f"{run_dir}/checkpoints. Lower --learning_rate, use --dtype=float32 or check "
-          "the data; rerunning resumes from that checkpoint.")
+      raise NonFiniteLossError(_non_finite_message(
+          loss, gnorm, at_step, epoch, run_dir, ckpts.latest.latest_step(), train_config))
     return loss
 
+  bar = None  # this epoch's progress bar, closed however the epoch ends
   try:
     while epoch < config.epochs and not stopper.stop:
       show = config.progress and jax.process_index() == 0
@@ -281,7 +393,7 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
         if step_no % config.checkpoint_every == 0 and i + 1 < data.num_train_batches:
           emit(step_no, metrics)  # never checkpoint a state whose loss was not finite
           pending = None
-          ckpts.save_latest(step_no, state, meta_now(epoch, i + 1))
+          save_latest(step_no, epoch, i + 1)
         if config.stop_after_steps and step_no >= config.stop_after_steps:
           raise StopRequested(f"stop_after_steps={config.stop_after_steps} reached at step "
                               f"{step_no}; rerun the same command to resume.")
@@ -307,12 +419,11 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
       if stopper.improved_last:
         ckpts.save_best(step_no, state["trainable"], {"epoch": epoch, "validation": val})
       epoch, position = epoch + 1, 0
-      ckpts.save_latest(step_no, state, meta_now(epoch, 0))
+      save_latest(step_no, epoch, 0)
     ckpts.wait()
-  except BaseException:
-    ckpts.wait()
-    ckpts.close()
-    raise
+  finally:
+    if bar is not None:
+      bar.close()
 
   # Best params → final evaluation and outputs.
   best = ckpts.restore_best(state["trainable"])
@@ -329,7 +440,8 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
   results = {
       "task": config.task, "method": config.method, "base_model": config.model,
       "base_model_path": runs.resolve_base_path(config.model),
-      "config": config.to_dict(), "model_config": model_config.to_hf_dict(),
+      "config": config.to_dict(), "resumed_with": resume_record,
+      "model_config": model_config.to_hf_dict(),
       "metrics": results_by_split, "main_metric": data.main_metric,
       "best_epoch": int(best_meta["epoch"]), "epochs_trained": len(history),
       "stopped_early": bool(stopper.stop), "steps": int(state["step"]),
