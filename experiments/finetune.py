@@ -23,14 +23,20 @@ from tvgeo_jax.training import presets
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("task", None, "Task name (e.g. qnli, synth_sst2).")
+flags.DEFINE_string("task", None,
+                    "Task name (e.g. qnli, synth_sst2), or a comma-separated list: the tasks "
+                    "then train concurrently, in one compiled step vmapped over tasks.")
+flags.DEFINE_integer("max_concurrent", None,
+                     "With several --task: at most this many tasks per concurrent group (the "
+                     "rest queued); default all.")
 flags.DEFINE_enum("method", "lora", list(partition.METHODS), "Fine-tuning method.")
 flags.DEFINE_string("model", "roberta-base",
                     "Base model: hub id, local HF directory, or a built-in: 'tiny' (= "
                     "'embedded', the pretrained tiny base), 'tiny-random', 'tiny-bert-random'.")
 flags.DEFINE_enum("preset", None, list(presets.PRESETS),
                   "Hyper-parameter preset (default: tiny for the built-in models, else paper).")
-flags.DEFINE_string("out", None, "Run directory (default runs/<task>/<method>_<model>_s<seed>).")
+flags.DEFINE_string("out", None, "Run directory (default runs/<task>/<method>_<model>_s<seed>); "
+                    "with several tasks, the parent of one run directory per task, OUT/<task>.")
 flags.DEFINE_bool("overwrite", False,
                   "Redo a finished (or differently configured) run. Only a run directory is "
                   "replaced, and the old run is kept as OUT.previous until the new one has "
@@ -108,10 +114,23 @@ def main(argv):
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
   overrides = {name: FLAGS[name].value for name in HP_FLAGS}
-  config = presets.resolve(FLAGS.task, FLAGS.method, FLAGS.model, FLAGS.preset, overrides)
-  out = FLAGS.out or default_out(config)
-  results = loop.finetune(config, out, overwrite=FLAGS.overwrite, resume_with=resume_with)
-  print(_summary(results, os.path.abspath(out)))
+  tasks = [t.strip() for t in FLAGS.task.split(",") if t.strip()]
+  configs = [presets.resolve(t, FLAGS.method, FLAGS.model, FLAGS.preset, overrides)
+             for t in tasks]
+  if len(configs) == 1:
+    out = FLAGS.out or default_out(configs[0])
+    results = [loop.finetune(configs[0], out, overwrite=FLAGS.overwrite,
+                             resume_with=resume_with)]
+    outs = [out]
+  else:
+    if resume_with:
+      raise app.UsageError("--resume_with applies to one task; resume that task alone.")
+    from tvgeo_jax.training import group
+    outs = [os.path.join(FLAGS.out, c.task) if FLAGS.out else default_out(c) for c in configs]
+    results = group.finetune_many(configs, outs, max_concurrent=FLAGS.max_concurrent,
+                                  overwrite=FLAGS.overwrite)
+  for r, out in zip(results, outs):
+    print(_summary(r, os.path.abspath(out)))
 
 
 if __name__ == "__main__":

@@ -267,7 +267,8 @@ def default_group_dir(run_dirs: Sequence[str], method: str) -> str:
 def finetune_group(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
                    data: Optional[Sequence[loop.TrainingData]] = None,
                    group_dir: Optional[str] = None, overwrite: bool = False,
-                   mesh: Optional[Mesh] = None) -> List[Dict[str, Any]]:
+                   mesh: Optional[Mesh] = None,
+                   max_concurrent: Optional[int] = None) -> List[Dict[str, Any]]:
   """Fine-tune every ``configs[i]`` into ``run_dirs[i]`` concurrently; their results.json.
 
   Members already finished are returned as they are (unless ``overwrite``); the rest
@@ -299,7 +300,7 @@ def finetune_group(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
   datas = [data[i] if data is not None else loop._load_data(configs[i]) for i in todo]
   bases = [loop._load_base(configs[i], d) for i, d in zip(todo, datas)]
   trainer = _GroupTrainer([configs[i] for i in todo], [run_dirs[i] for i in todo], datas,
-                          bases, group_dir, overwrite, mesh)
+                          bases, group_dir, overwrite, mesh, max_concurrent)
   try:
     done = trainer.run()
   finally:
@@ -315,7 +316,8 @@ class _GroupTrainer:
   """The group's phases: set-up, restore, one group epoch, validate and checkpoint,
   finish each member as it stops."""
 
-  def __init__(self, configs, run_dirs, datas, bases, group_dir, overwrite, mesh):
+  def __init__(self, configs, run_dirs, datas, bases, group_dir, overwrite, mesh,
+               max_concurrent):
     self.group_dir = group_dir
     self.t_start = time.time()
     self._lock = run_dir_lib.RunLock(group_dir)
@@ -333,6 +335,7 @@ class _GroupTrainer:
       self.members[-1].frozen = frozen
       self.members[-1].parameter_counts = partition.count_parameters(params, config.method)
     self._check_same_frozen()
+    self._check_memory(max_concurrent)
     self._set_up(mesh)
     self.ckpts = ckpt_lib.RunCheckpoints(group_dir)
 
@@ -350,6 +353,19 @@ class _GroupTrainer:
       names = [m.config.task for m in self.members]
       raise ValueError(f"Regression and classification tasks cannot share a step ({names}); "
                        "train them in separate groups.")
+
+  def _check_memory(self, max_concurrent: Optional[int]) -> None:
+    ms = self.members
+    need = group_memory_bytes([m.config for m in ms], ms[0].model_config, ms[0].trainable,
+                              ms[0].frozen)
+    have = available_memory_bytes()
+    if have is not None and need > 0.9 * have:
+      fits = max(1, int(0.9 * have / max(need / len(ms), 1)))
+      raise ValueError(
+          f"A group of {len(ms)} tasks needs about {need / 2**30:.1f} GiB and "
+          f"{have / 2**30:.1f} GiB is free; pass --max_concurrent={fits} (tasks per group, "
+          "the rest queued)" + ("." if max_concurrent is None else
+                                f" instead of {max_concurrent}."))
 
   def _set_up(self, mesh) -> None:
     ms = self.members
@@ -618,3 +634,51 @@ class _GroupTrainer:
         m.guard.release()
     self.ckpts.close()
     self._lock.release()
+
+
+# --- queues of groups and their memory ----------------------------------------------------
+
+def group_memory_bytes(configs: Sequence[TrainConfig], model_config, trainable: Mapping,
+                       frozen: Mapping) -> int:
+  """Estimated device memory of one group step: per member the trainable leaves, their
+  gradient and two Adam moments, plus the activations kept for the backward pass
+  (float32, every layer, the longest bucket); the frozen leaves once."""
+  t = len(configs)
+  c = configs[0]
+  leaf_bytes = lambda tree: sum(int(np.prod(np.shape(x))) * 4 for x in jax.tree.leaves(tree))
+  h, layers = model_config.hidden_size, model_config.num_hidden_layers
+  tokens = c.batch_size * c.max_seq_len
+  per_token = 4 * layers * (10 * h + 2 * model_config.intermediate_size
+                            + model_config.num_attention_heads * c.max_seq_len)
+  return t * (4 * leaf_bytes(trainable) + tokens * per_token) + leaf_bytes(frozen)
+
+
+def available_memory_bytes(device=None) -> Optional[int]:
+  """The device's memory limit (accelerators) or the host's available memory (CPU)."""
+  device = device or jax.devices()[0]
+  stats = getattr(device, "memory_stats", lambda: None)() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    import psutil
+    return int(psutil.virtual_memory().available)
+  except ImportError:
+    return None
+
+
+def finetune_many(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
+                  max_concurrent: Optional[int] = None, overwrite: bool = False,
+                  mesh: Optional[Mesh] = None,
+                  data: Optional[Sequence[loop.TrainingData]] = None) -> List[Dict[str, Any]]:
+  """Train the tasks in groups of at most ``max_concurrent`` (default: all in one),
+  one after another; the results in the order given."""
+  if max_concurrent is not None and max_concurrent < 1:
+    raise ValueError(f"--max_concurrent must be >= 1, got {max_concurrent}.")
+  k = max_concurrent or len(configs)
+  out: List[Dict[str, Any]] = []
+  for start in range(0, len(configs), k):
+    part = slice(start, start + k)
+    out += finetune_group(configs[part], run_dirs[part], overwrite=overwrite, mesh=mesh,
+                          data=None if data is None else data[part],
+                          max_concurrent=max_concurrent)
+  return out
