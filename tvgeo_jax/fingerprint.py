@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -53,6 +53,6 @@ def base_fingerprint(params: Mapping, config: EncoderConfig) -> str:
   return f"{VERSION}:{h.hexdigest()}"
 
 
-def short(fingerprint: str) -> str:
+def short(fingerprint: Optional[str]) -> str:
   """The first 12 hex digits, for messages."""
-  return fingerprint.split(":", 1)[-1][:12]
+  return fingerprint.split(":", 1)[-1][:12] if fingerprint else "unknown"

@@ -99,15 +99,15 @@ class Run:
     """The pretrained tree the run started from (same seed, so the same head init)."""
     return load_base_params(self.results)
 
-  def base_fingerprint(self) -> Tuple[str, bool]:
+  def base_fingerprint(self, base_params: Optional[Mapping] = None) -> Tuple[str, bool]:
     """(fingerprint of the run's base, recomputed?): from results.json, or computed
     now for runs written before fingerprints (LoRA: from the frozen leaves; other
-    methods: from the reloaded base)."""
+    methods: from ``base_params``, else the base reloaded as results.json names it)."""
     from tvgeo_jax import fingerprint
     stored = self.results.get("base_fingerprint")
     if stored:
       return stored, False
-    tree = self.params if self.method == "lora" and self.params is not None else None
+    tree = self.params if self.method == "lora" and self.params is not None else base_params
     tree = tree if tree is not None else self.base_params()
     return fingerprint.base_fingerprint(tree, self.model_config), True
 
