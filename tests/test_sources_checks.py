@@ -82,9 +82,9 @@ class BaseChecksTest(absltest.TestCase):
     self.assertNotEqual(fingerprint.base_fingerprint(base, config.replace(hidden_act="relu")), fp)
 
   def test_different_seeds_are_refused_or_warned(self):
-    with self.assertRaisesRegex(ValueError, r"2 different bases: \[synth_sst2\] on tiny-random "
-                                r"\(roberta, base [0-9a-f]{12}\) vs \[synth_sst2#2\].*"
-                                r"--allow_different_bases"):
+    with self.assertRaisesRegex(ValueError, rf"2 different bases: \[{self.paths['r0']}\] on "
+                                r"tiny-random \(roberta, base [0-9a-f]{12}\) vs "
+                                rf"\[{self.paths['r1']}\].*--allow_different_bases"):
       sources.load_sources([self.paths["r0"], self.paths["r1"]])
     with self.assertLogs(level=logging.WARNING) as logs:
       srcs = sources.load_sources([self.paths["r0"], self.paths["r1"]], allow_different_bases=True)

@@ -140,7 +140,7 @@ def load_sources(paths: Sequence[str], base: Optional[str] = None, with_base: bo
 
 
 def _describe(group: Sequence[Source]) -> str:
-  names = ", ".join(s.name for s in group[:4]) + (f" +{len(group) - 4}" if len(group) > 4 else "")
+  names = ", ".join(s.path for s in group[:4]) + (f" +{len(group) - 4}" if len(group) > 4 else "")
   s = group[0]
   return (f"[{names}] on {s.base_model} ({s.config.model_type}, base "
           f"{fingerprint.short(s.base_fingerprint)})")
@@ -264,8 +264,9 @@ def load_pool(manifest: str, base: Optional[str] = None, with_base: bool = True,
     try:
       loaded.append((path, load_source(path, base=base, with_base=with_base, name=label,
                                        base_cache=cache), None))
-    except peft_io.BaseMismatchError as e:  # an adapter that does not fit this base
-      loaded.append((path, None, str(e)))
+    except peft_io.BaseMismatchError:  # an adapter that does not fit this base
+      loaded.append((path, None, f"its weights do not fit {base!r} (declared base "
+                                 f"{_declared_base(path)!r})"))
   if base is not None:
     ref = _load_base(base, None, cache)[2]
   else:
