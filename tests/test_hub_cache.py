@@ -98,6 +98,19 @@ class HubCacheTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "--data_revision applies to real tasks"):
       data.load_task_data("synth_rte", revision=COMMIT_B)
 
+  def test_a_run_records_the_dataset_commit(self):
+    from tvgeo_jax.training import compile_cache, loop, presets
+    compile_cache.enable(os.path.join(tempfile.gettempdir(), "tvgeo_jax_test_xla_cache"))
+    self._cache(COMMIT_A, "rte", ("train", "validation"), n=40)
+    self._cache(COMMIT_B, "rte", ("train", "validation"), n=40, main=False)
+    config = presets.resolve("rte", "lora", "tiny-random", overrides=dict(
+        epochs=1, max_seq_len=16, batch_size=16, eval_batch_size=16, progress=False,
+        lora_rank=2, data_revision=COMMIT_B))
+    results = loop.finetune(config, os.path.join(self.cache, "run"))
+    saved = runs.load_run(os.path.join(self.cache, "run"), load_params=False).results
+    self.assertEqual((results["data_revision"], saved["data_revision"]), (COMMIT_B, COMMIT_B))
+    self.assertEqual(saved["config"]["data_revision"], COMMIT_B)
+
   def test_local_copy_with_another_task_only_is_refused(self):
     # The same fallback in a --data_dir copy: a parent holding only mrpc/ is not rte.
     self._cache(COMMIT_A, "mrpc", ("train", "validation"))
