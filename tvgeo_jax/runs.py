@@ -127,11 +127,17 @@ def load_base_params(results: Mapping[str, Any]) -> dict:
 
 def data_revision(config: Mapping[str, Any]) -> Optional[str]:
   """The hub dataset commit a run's data came from (None: synthetic or --data_dir)."""
+  import logging
   from tvgeo_jax import data
   spec = data.get_task(config["task"])
   if spec.is_synthetic or config.get("data_dir"):
     return None
-  return data.hub_revision(spec, config.get("data_revision"))
+  try:  # the snapshot training just read; never lose a finished run over its record
+    return data.hub_revision(spec, config.get("data_revision"))
+  except (OSError, RuntimeError) as e:
+    logging.warning("Could not look up the dataset commit of %s (%s); results.json records "
+                    "data_revision None.", spec.name, e)
+    return None
 
 
 def load_run(run_dir: str, load_params: bool = True) -> Run:
