@@ -1,8 +1,8 @@
 """Analyses compare only what is comparable (issue 17, items 9 and 11; issue 21, item 4).
 
 Real tiny runs (four steps each, trained once in setUpClass): tiny-random with seeds 0
-and 1 (different random bases), a second seed-0 task, a seed-0 full fine-tuning run and
-a tiny-bert-random run. Fingerprints are checked against the bases rebuilt with
+and 1 (different random bases), a seed-0 full fine-tuning run and a tiny-bert-random
+run. Fingerprints are checked against the bases rebuilt with
 ``load_pretrained``; pools and manifests are real files, hub ids a real huggingface_hub
 cache layout read offline.
 """
@@ -24,7 +24,6 @@ from tvgeo_jax.training import compile_cache, loop, presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"r0": ("synth_sst2", "lora", "tiny-random", 0),
-        "r0_rte": ("synth_rte", "lora", "tiny-random", 0),
         "r1": ("synth_sst2", "lora", "tiny-random", 1),
         "full0": ("synth_sst2", "full", "tiny-random", 0),
         "bert0": ("synth_sst2", "lora", "tiny-bert-random", 0)}
@@ -58,6 +57,9 @@ class BaseChecksTest(absltest.TestCase):
     self.tmp = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
 
+  def _adapter(self, key):
+    return os.path.join(self.paths[key], runs.ADAPTER)
+
   def _stored(self, key):
     return io_utils.read_json(os.path.join(self.paths[key], runs.RESULTS))["base_fingerprint"]
 
@@ -66,7 +68,6 @@ class BaseChecksTest(absltest.TestCase):
     fp = fingerprint.base_fingerprint(base, config)
     # Stored by every run: LoRA (frozen leaves) and full fine-tuning (the base) alike.
     self.assertEqual(self._stored("r0"), fp)
-    self.assertEqual(self._stored("r0_rte"), fp)
     self.assertEqual(self._stored("full0"), fp)
     self.assertNotEqual(self._stored("r1"), fp)
     self.assertNotEqual(self._stored("bert0"), fp)
@@ -90,7 +91,8 @@ class BaseChecksTest(absltest.TestCase):
       srcs = sources.load_sources([self.paths["r0"], self.paths["r1"]], allow_different_bases=True)
     self.assertLen(srcs, 2)
     self.assertIn("computing anyway", "\n".join(logs.output))
-    self.assertLen(sources.load_sources([self.paths["r0"], self.paths["r0_rte"]]), 2)
+    # A run and its own peft adapter: one base.
+    self.assertLen(sources.load_sources([self.paths["r0"], self._adapter("r0")]), 2)
 
   def test_roberta_and_bert_are_refused(self):
     with self.assertRaisesRegex(ValueError, r"on tiny-random \(roberta.* on tiny-bert-random "
@@ -138,9 +140,9 @@ class BaseChecksTest(absltest.TestCase):
     shutil.copytree(self.paths["r0"], bracket)   # glob would read [1] as a character class
     self.assertEqual(sources.expand_paths([bracket]), [bracket])
     manifest = self._manifest(["# odd names are literal", "w[1],seed=0", "",
-                               f"{self.paths['r0_rte']}   # a comment after an entry"])
+                               f"{self._adapter('r0')}   # a comment after an entry"])
     srcs = sources.load_pool(manifest)
-    self.assertEqual([s.path for s in srcs], [odd, self.paths["r0_rte"]])
+    self.assertEqual([s.path for s in srcs], [odd, self._adapter("r0")])
 
   def test_pool_skips_other_bases_or_refuses_with_strict(self):
     # r1: another seed; bert0's adapter: another architecture; a copy of r0's adapter
@@ -152,7 +154,7 @@ class BaseChecksTest(absltest.TestCase):
     cfg_path = os.path.join(moved, "adapter_config.json")
     cfg = io_utils.read_json(cfg_path)
     io_utils.atomic_write_json(cfg_path, dict(cfg, base_model_name_or_path=seed1))
-    entries = [self.paths["r0"], self.paths["r1"], os.path.join(self.paths["r0_rte"], runs.ADAPTER),
+    entries = [self.paths["r0"], self.paths["r1"], self._adapter("r0"),
                os.path.join(self.paths["bert0"], runs.ADAPTER), moved]
     manifest = self._manifest(entries)
     with self.assertLogs(level=logging.WARNING) as logs:
@@ -180,9 +182,9 @@ class BaseChecksTest(absltest.TestCase):
       os.environ[key] = value
       self.addCleanup(lambda k=key, v=old: os.environ.pop(k) if v is None
                       else os.environ.__setitem__(k, v))
-    srcs = sources.load_pool(self._manifest(["someone/sst2-lora", self.paths["r0_rte"]]),
+    srcs = sources.load_pool(self._manifest(["someone/sst2-lora", self.paths["r0"]]),
                              base="tiny-random")
-    self.assertEqual([s.name for s in srcs], ["sst2-lora", "synth_rte"])
+    self.assertEqual([s.name for s in srcs], ["sst2-lora", "synth_sst2"])
     np.testing.assert_array_equal(
         srcs[0].params["encoder"]["layer_0"]["query"]["lora_b"],
         sources.load_source(self.paths["r0"]).params["encoder"]["layer_0"]["query"]["lora_b"])
