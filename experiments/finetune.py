@@ -71,8 +71,8 @@ HP_FLAGS = ("seed", "learning_rate", "batch_size", "epochs", "patience", "weight
             "warmup_ratio", "max_grad_norm", "adam_b1", "adam_b2", "adam_eps",
             "class_weights", "dtype", "dropout", "lora_rank", "lora_alpha", "lora_targets",
             "bottleneck_size", "bottleneck_reduction_factor", "max_seq_len", "data_scale",
-            "data_dir", "data_revision", "eval_batch_size", "checkpoint_every", "log_every", "progress",
-            "stop_after_steps")
+            "data_dir", "eval_batch_size", "checkpoint_every", "log_every", "progress",
+            "stop_after_steps", "data_revision")
 
 
 def default_out(config) -> str:

@@ -83,6 +83,6 @@ __all__ = [
     "AUTHORSHIP_REFERENCE", "AUTHORSHIP_WRITERS", "Batches", "DataNotFoundError",
     "EncodedSplit", "HubUnavailableError", "MAX_LENGTH", "PAPER_TASKS", "SPLITS",
     "SYNTH_PAPER_TASKS", "SplitData", "TASKS", "TaskData", "TaskSpec", "VOCAB_SIZE",
-    "bucket_lengths", "encode", "get_task", "hub_revision", "list_tasks", "load_task_data", "load_tokenizer",
-    "split_train_validation",
+    "bucket_lengths", "encode", "get_task", "hub_revision", "list_tasks", "load_task_data",
+    "load_tokenizer", "split_train_validation",
 ]
