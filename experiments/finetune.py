@@ -71,6 +71,7 @@ flags.DEFINE_integer("bottleneck_reduction_factor", None, "hidden_size / bottlen
 flags.DEFINE_integer("max_seq_len", None, "Maximum tokens per example.")
 flags.DEFINE_float("data_scale", None, "Size multiplier of synthetic tasks.")
 flags.DEFINE_string("data_dir", None, "Local copy of a real task's data (instead of the hub).")
+flags.DEFINE_string("data_revision", None, "Hub dataset revision (branch, tag or commit).")
 flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch size.")
 flags.DEFINE_integer("checkpoint_every", None, "Save the latest state every N steps.")
 flags.DEFINE_integer("log_every", None, "Log the training loss every N steps.")
@@ -83,7 +84,7 @@ HP_FLAGS = ("seed", "learning_rate", "batch_size", "epochs", "patience", "weight
             "class_weights", "dtype", "dropout", "lora_rank", "lora_alpha", "lora_targets",
             "bottleneck_size", "bottleneck_reduction_factor", "max_seq_len", "data_scale",
             "data_dir", "eval_batch_size", "checkpoint_every", "log_every", "progress",
-            "stop_after_steps")
+            "stop_after_steps", "data_revision")
 
 
 def default_out(config) -> str:

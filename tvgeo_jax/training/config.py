@@ -54,6 +54,8 @@ class TrainConfig:
   max_seq_len: int = 128
   data_scale: float = 1.0
   data_dir: Optional[str] = None
+  # Hub dataset revision (branch, tag or commit) of a real task; None: the default branch.
+  data_revision: Optional[str] = None
   # Book-keeping (RESUME_IGNORED).
   eval_batch_size: int = 64
   checkpoint_every: int = 200

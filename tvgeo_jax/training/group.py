@@ -333,6 +333,7 @@ class _GroupTrainer:
                                   best=ckpt_lib.RunCheckpoints(run_dir),
                                   stopper=EarlyStopping(patience=config.patience)))
       self.members[-1].frozen = frozen
+      self.members[-1].base = base
       self.members[-1].parameter_counts = partition.count_parameters(params, config.method)
     self._check_same_frozen()
     self._check_memory(max_concurrent)
@@ -618,7 +619,8 @@ class _GroupTrainer:
     }
     full = partition.combine(best_trainable, m.frozen)
     runs.write_outputs(m.run_dir, jax.tree.map(np.asarray, full), m.model_config, c.method,
-                       m.results, base_model=runs.resolve_base_path(c.model) or c.model)
+                       m.results, base_model=runs.resolve_base_path(c.model) or c.model,
+                       base_params=m.base)
     m.best.close()
     m.writer.close()
     m.finished = True

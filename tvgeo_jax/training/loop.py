@@ -277,6 +277,7 @@ class _Setup:
   schedule: Callable
   class_weights: Optional[np.ndarray]
   parameter_counts: Tuple[int, int]
+  base: Any                    # the pretrained tree (its fingerprint goes into results.json)
 
 
 def _set_up(config: TrainConfig, run_dir: str, data: TrainingData, model_config, base, mesh,
@@ -312,7 +313,7 @@ def _set_up(config: TrainConfig, run_dir: str, data: TrainingData, model_config,
       schedule=optim.linear_schedule(train_config.learning_rate, total_steps,
                                      train_config.warmup_ratio),
       class_weights=class_weights,
-      parameter_counts=partition.count_parameters(params, train_config.method))
+      parameter_counts=partition.count_parameters(params, train_config.method), base=base)
   state = sharding.replicate(step_lib.init_state(trainable, optimizer), setup.mesh)
   return setup, state, resuming
 
@@ -487,7 +488,8 @@ class _Trainer:
     }
     runs.write_outputs(s.run_dir, jax.tree.map(np.asarray, best_params), s.model_config,
                        config.method, results,
-                       base_model=runs.resolve_base_path(config.model) or config.model)
+                       base_model=runs.resolve_base_path(config.model) or config.model,
+                       base_params=s.base)
     return results
 
 
