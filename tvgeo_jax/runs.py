@@ -129,7 +129,10 @@ def data_revision(config: Mapping[str, Any]) -> Optional[str]:
   """The hub dataset commit a run's data came from (None: synthetic or --data_dir)."""
   import logging
   from tvgeo_jax import data
-  spec = data.get_task(config["task"])
+  try:
+    spec = data.get_task(config["task"])
+  except ValueError:
+    return None  # a task given in memory (loop.finetune(data=...)), not a registered one
   if spec.is_synthetic or config.get("data_dir"):
     return None
   try:  # the snapshot training just read; never lose a finished run over its record
