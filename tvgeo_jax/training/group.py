@@ -415,6 +415,7 @@ class _GroupTrainer:
     self.group_steps = 0
     self.host_steps = np.zeros(len(ms), np.int64)  # each member's own step count
     self.needs_first_save = True
+    self.timings = {"train steps": 0.0, "validation": 0.0, "finish": 0.0, "checkpoints": 0.0}
 
   # --- phase 2: restore ---------------------------------------------------------------
   def _restore(self) -> Optional[int]:
@@ -455,6 +456,9 @@ class _GroupTrainer:
     self.ckpts.wait()
     self.ckpts.close()
     shutil.rmtree(os.path.join(self.group_dir, "checkpoints"), ignore_errors=True)
+    logging.info("Group of %d tasks: %d group steps in %.1f s (compiles included); %s.",
+                 len(self.members), self.group_steps, time.time() - self.t_start,
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
     return [m.results for m in self.members]
 
   def _active(self, m: _Member, position: int) -> bool:
@@ -495,6 +499,7 @@ class _GroupTrainer:
                                  f"group step {self.group_steps}; rerun to resume.")
     if pending is not None:
       self._report(*pending)
+    self.timings["train steps"] += time.time() - self._t0
 
   def _report(self, metrics, active, step_nos) -> None:
     """Each active member's loss checked and, every ``log_every`` of its steps, logged."""
@@ -531,10 +536,13 @@ class _GroupTrainer:
       self.needs_first_save = False
 
   # --- phase 4: validate and checkpoint ---------------------------------------------------
-  def _evaluate(self, split: str, trainable) -> List[Dict[str, np.ndarray]]:
-    """Per member: logits (its own label count), per-row loss, labels, weights."""
+  def _evaluate(self, split: str, trainable,
+                only: Optional[Sequence[int]] = None) -> List[Dict[str, np.ndarray]]:
+    """Per member (those in ``only``, default all): logits (its own label count),
+    per-row loss, labels, weights."""
     ms = self.members
-    iters = [iter(m.data.eval_batches(split)) for m in ms]
+    iters = [iter(m.data.eval_batches(split)) if only is None or t in only else iter(())
+             for t, m in enumerate(ms)]
     out = [{"logits": [], "loss": [], "labels": [], "weights": []} for _ in ms]
     while True:
       got = [next(it, None) for it in iters]
@@ -560,7 +568,10 @@ class _GroupTrainer:
 
   def _validate_and_checkpoint(self) -> None:
     step_nos = self.host_steps
-    preds = self._evaluate("validation", self.state["trainable"])
+    t0 = time.time()
+    live = [t for t, m in enumerate(self.members) if not m.finished and not m.stopper.stop]
+    preds = self._evaluate("validation", self.state["trainable"], only=live)
+    self.timings["validation"] += time.time() - t0
     for t, m in enumerate(self.members):
       if m.finished or m.stopper.stop:
         continue
@@ -578,28 +589,45 @@ class _GroupTrainer:
         best = slice_to(_row(self.state["trainable"], t), m.trainable)
         m.best.save_best(int(step_nos[t]), best, {"epoch": self.epoch, "validation": val})
     self.epoch, self.position = self.epoch + 1, 0
-    for t, m in enumerate(self.members):
-      if not m.finished and (m.stopper.stop or self.epoch >= m.config.epochs):
-        self._finish(t, m)
+    finishing = [t for t, m in enumerate(self.members)
+                 if not m.finished and (m.stopper.stop or self.epoch >= m.config.epochs)]
+    t0 = time.time()
+    if finishing:
+      self._finish(finishing)
+    self.timings["finish"] += time.time() - t0
+    t0 = time.time()
     self._save_latest(self.epoch, 0)
+    self.timings["checkpoints"] += time.time() - t0
 
   def _class_weights(self, t: int) -> Optional[np.ndarray]:
     cw = self.member_arrays.get("class_weights")
     return None if cw is None else cw[t, :self.members[t].data.num_labels]
 
   # --- phase 5: finish a member ---------------------------------------------------------
-  def _finish(self, t: int, m: _Member) -> None:
-    m.best.wait()
-    best = m.best.restore_best(m.trainable)
-    if best is None:
-      raise RuntimeError(f"{m.run_dir}: no best checkpoint was saved (no epoch ran?).")
-    best_trainable, best_meta = best
-    stacked_best = _stack([pad_to(best_trainable, self.shapes)] * len(self.members))
-    stacked_best = jax.device_put(stacked_best, _stacked(self.mesh))
-    results_by_split = {}
-    for split in ("validation", "test"):
-      pred = self._evaluate(split, stacked_best)[t]
-      results_by_split[split] = loop.split_metrics(pred, m.data, self._class_weights(t))
+  def _finish(self, finishing: Sequence[int]) -> None:
+    """Members that stopped: their best params scored on validation and test in one
+    stacked pass (each in its own row), then their run directories written."""
+    bests = {}
+    for t in finishing:
+      m = self.members[t]
+      m.best.wait()
+      best = m.best.restore_best(m.trainable)
+      if best is None:
+        raise RuntimeError(f"{m.run_dir}: no best checkpoint was saved (no epoch ran?).")
+      bests[t] = best
+    rows = [pad_to(bests[t][0] if t in bests else m.trainable, self.shapes)
+            for t, m in enumerate(self.members)]
+    stacked_best = jax.device_put(_stack(rows), _stacked(self.mesh))
+    preds = {split: self._evaluate(split, stacked_best, only=finishing)
+             for split in ("validation", "test")}
+    for t in finishing:
+      self._write_member(t, self.members[t], *bests[t],
+                         {split: loop.split_metrics(preds[split][t], self.members[t].data,
+                                                    self._class_weights(t))
+                          for split in preds})
+
+  def _write_member(self, t: int, m: _Member, best_trainable, best_meta,
+                    results_by_split) -> None:
     n_trainable, n_total = m.parameter_counts
     c = m.config
     m.results = {
