@@ -98,7 +98,7 @@ class SubspaceSimilarityTest(absltest.TestCase):
     stacked = ss.subspace_similarity_grid(np.stack([a_r8, a_r8b]), "a")
     np.testing.assert_allclose(stacked, grid[:2, :2, :, :8, :8], atol=1e-5)
     # near-identical adapters are more similar than unrelated ones, at every i
-    self.assertTrue(np.all(ss.phi_top(grid[0, 1]) > ss.phi_top(grid[0, 2, :, :8, :8])))
+    self.assertTrue(np.all(ss.phi_top(grid[0, 1, :, :8, :8]) > ss.phi_top(grid[0, 2, :, :8, :8])))
 
   def test_rank_deficient_factor_is_nan_beyond_its_rank(self):
     rng = np.random.default_rng(3)
