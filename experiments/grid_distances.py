@@ -8,12 +8,21 @@ comma-separated list; shell globs are expanded). Writes ``distances.npz`` (every
 ``T_d[T, T, L]`` with task, layer and module names), ``distances.json`` (layer means
 and k+ means) and figures: PCA of the rows of T̄_d (paper A, Figures 2-3), heatmaps
 and dendrograms (Figure 4: A, B and BA).
+
+``--measures`` adds, beside (or instead of) the distances: ``subspace_similarity``
+(LoRA φ(i, j) of Hu et al. 2021, §7, for A and B; adapter ranks may differ) into
+``OUT/subspace_similarity/`` and ``intruders`` (Shuttleworth et al. 2024; full FT,
+LoRA and bottleneck runs) into ``OUT/intruders/`` (tvgeo_jax.geometry.measure_outputs):
+
+  python -m experiments.grid_distances --runs=runs/synth_*/* --measures=distances,intruders
 """
 from __future__ import annotations
 
+import os
+
 from absl import app, flags, logging
 
-from tvgeo_jax import geometry, sources
+from tvgeo_jax import geometry, lora, sources, task_vectors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("runs", None, "Run or peft adapter directories (globs allowed).")
@@ -30,13 +39,24 @@ flags.DEFINE_string("base", None, "Base model for peft adapters (overrides the a
 flags.DEFINE_string("out", "out/distances", "Output directory.")
 flags.DEFINE_list("kplus_figures", ["5"], "Also draw PCA figures of these k+ layer means.")
 flags.DEFINE_bool("figures", True, "Draw the figures.")
+flags.DEFINE_list("measures", ["distances"],
+                  "distances (l2/cosine/grassmann), subspace_similarity (LoRA φ, Hu et al. "
+                  "2021), intruders (intruder dimensions, Shuttleworth et al. 2024).")
+flags.DEFINE_integer("intruder_k", 10, "Intruders: top-k singular vectors tested.")
+flags.DEFINE_float("intruder_eps", 0.5, "Intruders: max |cos| below which a vector intrudes.")
+MEASURES = ("distances", "subspace_similarity", "intruders")
 
 
 def main(argv):
   del argv
   if not FLAGS.runs:
     raise app.UsageError("--runs is required: finetune run or peft adapter directories.")
+  bad = [m for m in FLAGS.measures if m not in MEASURES]
+  if bad or not FLAGS.measures:
+    raise app.UsageError(f"--measures: unknown {bad or FLAGS.measures}; choose from {MEASURES}.")
   srcs = sources.load_sources(sources.expand_paths(FLAGS.runs), base=FLAGS.base)
+  if "distances" not in FLAGS.measures:
+    return _other_measures(srcs)
   stacks = sources.module_stacks(srcs, FLAGS.modules, kind=FLAGS.kind)
   is_lora = all(isinstance(s, tuple) for s in stacks.values())
   factors = FLAGS.factors if is_lora else ["product"]
@@ -54,6 +74,46 @@ def main(argv):
   print(f"{len(srcs)} models x {len(results)} modules -> {FLAGS.out}")
   for kind, paths in files.items():
     print(f"  {kind}: {len(paths)} file(s)")
+  _other_measures(srcs)
+
+
+def _modules():
+  return list(task_vectors.MODULES) if FLAGS.modules == ["all"] else FLAGS.modules
+
+
+def _other_measures(srcs):
+  """Subspace similarity and intruder dimensions (``--measures``), after the distances."""
+  from tvgeo_jax.geometry import measure_outputs
+  if "subspace_similarity" in FLAGS.measures:
+    loras = [s for s in srcs if lora.has_lora(s.params)]
+    if not loras:
+      raise ValueError("--measures=subspace_similarity needs LoRA runs or adapters; none of "
+                       "--runs carries LoRA factors.")
+    if len(loras) < len(srcs):
+      logging.warning("subspace_similarity: skipped %s (no LoRA factors).",
+                      [s.name for s in srcs if s not in loras])
+    facs = {m: [task_vectors.lora_factors(s.params, m) for s in loras] for m in _modules()}
+    which = [f for f in FLAGS.factors if f in ("a", "b")] or ["a", "b"]
+    ranks = [int(facs[_modules()[0]][i][0].shape[1]) for i in range(len(loras))]
+    paths = measure_outputs.write_subspace_similarity(
+        os.path.join(FLAGS.out, "subspace_similarity"),
+        measure_outputs.subspace_similarities(facs, which), [s.name for s in loras], ranks,
+        figures=FLAGS.figures)
+    print(f"subspace similarity of {len(loras)} LoRA models (ranks {ranks}) -> "
+          f"{os.path.dirname(paths[0])}")
+  if "intruders" in FLAGS.measures:
+    records = measure_outputs.intruder_records(
+        [s.name for s in srcs], [s.method for s in srcs], [s.params for s in srcs],
+        [None if lora.has_lora(s.params) else s.base_params for s in srcs], _modules(),
+        FLAGS.intruder_k, FLAGS.intruder_eps)
+    paths = measure_outputs.write_intruders(os.path.join(FLAGS.out, "intruders"), records,
+                                            k=FLAGS.intruder_k, eps=FLAGS.intruder_eps,
+                                            figures=FLAGS.figures)
+    for r in records:
+      print(f"intruders {r['name']} ({r['method']}): " + ", ".join(
+          f"{m} {int(v['count'].sum())}" for m, v in r["modules"].items()))
+    print(f"intruder dimensions (k={FLAGS.intruder_k}, eps={FLAGS.intruder_eps}) -> "
+          f"{os.path.dirname(paths[0])}")
 
 
 if __name__ == "__main__":

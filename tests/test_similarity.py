@@ -130,5 +130,29 @@ class SimilarityTest(absltest.TestCase):
                                atol=1e-6)
 
 
+  def test_representation_study_writes_them_beside_cka(self):
+    import json
+    import os
+    import tempfile
+    from tvgeo_jax import representations
+    x, _ = _layers(np.random.default_rng(3), n=64)
+    y = (x + np.random.default_rng(4).standard_normal(x.shape)).astype(np.float32)
+    out = tempfile.mkdtemp()
+    summary = representations.analyse({"plm": x, "lora": y}, out, umap=False, n_clusters=2)
+    doc = json.load(open(os.path.join(out, "similarities.json")))
+    self.assertEqual(set(doc["measures"]), {"svcca", "pwcca", "procrustes"})
+    self.assertEqual(doc["measures"]["procrustes"]["kind"], "distance")
+    ref = similarity.layer_similarities(x, y)
+    for name in REFS:
+      np.testing.assert_allclose(doc["measures"][name]["pairs"]["plm|lora"]["matrix"],
+                                 ref[name], atol=1e-6)
+      np.testing.assert_allclose(summary["similarity_diagonal"][name]["plm|lora"],
+                                 np.diag(ref[name]), atol=1e-6)
+      with open(os.path.join(out, f"{name}_heatmaps.png"), "rb") as f:
+        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    with self.assertRaisesRegex(ValueError, "Unknown representation similarities"):
+      representations.analyse({"plm": x}, out, umap=False, similarities=["cca"])
+
+
 if __name__ == "__main__":
   absltest.main()
