@@ -223,7 +223,13 @@ def analyse(reps: Mapping[str, np.ndarray], out_dir: str, *, layers: Optional[Se
 def _similarities(reps, out_dir: str, measures: Sequence[str], n: int) -> Dict[str, Any]:
   """SVCCA / PWCCA / Procrustes: ``similarities.json``, one heatmap figure per measure."""
   mats = sim_lib.pairwise_similarities(reps, measures)
-  doc: Dict[str, Any] = {"num_examples": n, "models": list(reps), "measures": {}}
+  width = max(int(np.shape(v)[-1]) for v in reps.values())
+  # CCA of two d-dimensional representations of n <= 2d examples finds correlations of 1
+  # whatever the models are (their column spaces must intersect); say so where it shows.
+  caveat = (f"n={n} <= 2 x {width} features: canonical correlations are 1 by construction"
+            if n <= 2 * width else None)
+  doc: Dict[str, Any] = {"num_examples": n, "models": list(reps), "warning": caveat,
+                         "measures": {}}
   diagonals = {}
   for m, pairs in mats.items():
     with warnings.catch_warnings():  # all-NaN rows (constant features)
@@ -232,10 +238,15 @@ def _similarities(reps, out_dir: str, measures: Sequence[str], n: int) -> Dict[s
           "kind": sim_lib.KIND[m], "range": list(sim_lib.RANGE[m]),
           "pairs": {f"{a}|{b}": {"a": a, "b": b, "matrix": np.asarray(x).tolist(),
                                  "summary": ua.cka_summary(x)} for (a, b), x in pairs.items()}}
+      top = float(np.nanmax([np.nanmax(x) for x in pairs.values()]))
     diagonals[m] = {f"{a}|{b}": np.diag(np.asarray(x)).tolist() for (a, b), x in pairs.items()}
-    lo, hi = sim_lib.RANGE[m]
-    ua.plot_cka_heatmaps(pairs, os.path.join(out_dir, f"{m}_heatmaps.png"),
-                         title=_SIMILARITY_TITLES[m].format(n=n), vmin=lo, vmax=hi)
+    # similarities on CKA's fixed [0, 1]; a distance on [0, its largest value] (shared)
+    lo, hi = sim_lib.RANGE[m] if sim_lib.KIND[m] == "similarity" else (0.0, max(top, 1e-6))
+    title = _SIMILARITY_TITLES[m].format(n=n)
+    if caveat and m in ("svcca", "pwcca"):
+      title += f"\n{caveat}"
+    ua.plot_cka_heatmaps(pairs, os.path.join(out_dir, f"{m}_heatmaps.png"), title=title,
+                         vmin=lo, vmax=hi)
   io_utils.atomic_write_json(os.path.join(out_dir, SIMILARITIES_JSON), doc)
   return diagonals
 
@@ -244,7 +255,7 @@ _SIMILARITY_TITLES = {
     "svcca": "SVCCA similarity (Raghu et al. 2017; 99% variance kept, n={n})",
     "pwcca": "PWCCA similarity (Morcos et al. 2018; weights of the row model, n={n})",
     "procrustes": "Orthogonal Procrustes distance (Ding et al. 2021; 0 = same up to "
-                  "rotation, max 2, n={n})",
+                  "rotation, range 0-2, n={n})",
 }
 
 

@@ -73,17 +73,17 @@ def write_subspace_similarity(out_dir: str, results: Mapping[str, Mapping[str, n
         doc["modules"].setdefault(module, {})[f] = {
             "basis": _SIDE[f], "layer_mean_phi_top_i": _nan_to_none(top)}
         if figures:
-          rels.append(_tasks_figure(tmp, module, f, phi, task_names))
+          rels.append(_tasks_figure(tmp, module, f, phi, task_names, ranks))
           rels.append(_pairs_figure(tmp, module, f, phi, task_names, ranks))
     np.savez(os.path.join(tmp, "phi.npz"), **arrays)
     io_utils.atomic_write_json(os.path.join(tmp, "phi.json"), doc)
   return [os.path.join(final, r) for r in rels]
 
 
-def _tasks_figure(root, module, factor, phi, names) -> str:
+def _tasks_figure(root, module, factor, phi, names, ranks) -> str:
   from tvgeo_jax import figures as fg
-  r = phi.shape[-1]
-  ks = sorted({1, max(1, r // 4), max(1, r // 2), r})
+  lo, hi = min(ranks), max(ranks)
+  ks = sorted({1, max(1, lo // 2), lo, hi})
   mean = _layer_mean(phi, axis=2)
   fig, axes = fg.panels(len(ks), f"{module}: LoRA subspace similarity φ(top-i, top-i) of "
                         f"{_SIDE[factor]}, mean over layers (Hu et al. 2021)")
@@ -92,7 +92,7 @@ def _tasks_figure(root, module, factor, phi, names) -> str:
                    cmap="viridis")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"i = j = {k}", fontsize=9)
+    ax.set_title(f"i = j = {k}" + (" (blank: rank < i)" if k > lo else ""), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
   rel = os.path.join("figures", f"tasks_{module}_{factor}.png")
   fg.save_figure(fig, os.path.join(root, rel))
@@ -161,27 +161,38 @@ def write_intruders(out_dir: str, records: Sequence[dict], *, k: int, eps: float
 
 
 def _intruder_figure(root, records, k, eps) -> str:
+  """Row 1: intruder count per layer; row 2: the lowest max |cos| among the top-k
+  (how close the layer is to having one), with ε dashed. One column per module."""
+  import matplotlib.pyplot as plt
   from tvgeo_jax import figures as fg
   modules = list(records[0]["modules"])
-  fig, axes = fg.panels(len(modules), f"Intruder dimensions: of the top-{k} singular vectors "
-                        f"of W, those with max |cos| < {eps} to W0's (Shuttleworth et al. 2024)",
-                        size=4.6)
-  seen = set()
-  for ax, mod in zip(axes, modules):
+  fig, axes = plt.subplots(2, len(modules), figsize=(4.2 * len(modules) + 2.0, 7.0),
+                           squeeze=False)
+  fig.suptitle(f"Intruder dimensions (Shuttleworth et al. 2024):\ntop-{k} left-singular "
+               f"vectors of the fine-tuned W whose max |cos| with W0's is < {eps}")
+  styles = ["-", "--", ":", "-."]
+  for col, mod in enumerate(modules):
+    top, low = axes[0, col], axes[1, col]
     for i, r in enumerate(records):
-      count = np.asarray(r["modules"][mod]["count"])
-      colour = _METHOD_COLOURS.get(r["method"], f"C{i % 10}")
-      label = f"{r['name']} ({r['method']})"
-      jitter = 0.08 * (i - (len(records) - 1) / 2) / max(1, len(records))   # overlapping lines
-      ax.plot(np.arange(len(count)) + jitter, count, marker="o", ms=4, color=colour,
-              label=label, alpha=0.8)
-      seen.add(label)
-    ax.set_title(mod, fontsize=10)
-    ax.set_xlabel("layer (encoder/layer_i)")
-    ax.set_ylabel(f"intruders among top {k}")
-    ax.set_ylim(-0.3, k + 0.3)
-    ax.set_xticks(range(len(count)))
-  axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+      v = r["modules"][mod]
+      count, best = np.asarray(v["count"]), np.asarray(v["max_cos"]).min(axis=-1)
+      same = sum(q["method"] == r["method"] for q in records[:i])
+      kw = dict(marker="o", ms=4, alpha=0.8, ls=styles[same % len(styles)],
+                color=_METHOD_COLOURS.get(r["method"], f"C{i % 10}"),
+                label=f"{r['name']} ({r['method']})")
+      x = np.arange(len(count))
+      top.plot(x, count, **kw)
+      low.plot(x, best, **kw)
+    top.set_title(mod, fontsize=10)
+    top.set_ylabel(f"intruders among top {k}")
+    top.set_ylim(-0.3, k + 0.3)
+    low.axhline(eps, color="grey", ls="--", lw=1)
+    low.set_ylabel(f"min over top {k} of max |cos|")
+    low.set_ylim(0.0, 1.05)
+    for ax in (top, low):
+      ax.set_xlabel("layer (encoder/layer_i)")
+      ax.set_xticks(range(len(count)))
+  axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   rel = "intruders.png"
   fg.save_figure(fig, os.path.join(root, rel))
   return rel
