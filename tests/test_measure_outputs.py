@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
 import numpy as np
 
 from tvgeo_jax.geometry import measure_outputs, subspace_similarity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _png(path):
@@ -61,6 +65,19 @@ class MeasureOutputsTest(absltest.TestCase):
     self.assertEqual(doc["models"][0]["modules"]["query"]["count_per_layer"],
                      records[0]["modules"]["query"]["count"].tolist())
     self.assertTrue(_png(paths[1]))
+
+
+  def test_cli_rejects_unknown_measures_before_loading_anything(self):
+    # The full CLI path on run directories (LoRA r=8 + r=64 + full + bottleneck) takes
+    # ~40 s on 2 loaded cores and is checked by hand (BUILD_NOTES); the writers it calls
+    # are tested above.
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    bad = subprocess.run([sys.executable, "-m", "experiments.grid_distances",
+                          "--runs=/nonexistent", "--measures=distances,cka"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(bad.returncode, 0)
+    self.assertIn("--measures: unknown ['cka']", bad.stderr)
 
 
 if __name__ == "__main__":
