@@ -81,6 +81,13 @@ def _modules():
   return list(task_vectors.MODULES) if FLAGS.modules == ["all"] else FLAGS.modules
 
 
+def _labels(srcs):
+  """Task names, or run/adapter directory names when tasks repeat (r=8 vs r=64 of one task)."""
+  if len({s.name.split("#")[0] for s in srcs}) == len(srcs):
+    return [s.name for s in srcs]
+  return [os.path.basename(os.path.normpath(s.path)) for s in srcs]
+
+
 def _other_measures(srcs):
   """Subspace similarity and intruder dimensions (``--measures``), after the distances."""
   from tvgeo_jax.geometry import measure_outputs
@@ -97,13 +104,13 @@ def _other_measures(srcs):
     ranks = [int(facs[_modules()[0]][i][0].shape[1]) for i in range(len(loras))]
     paths = measure_outputs.write_subspace_similarity(
         os.path.join(FLAGS.out, "subspace_similarity"),
-        measure_outputs.subspace_similarities(facs, which), [s.name for s in loras], ranks,
+        measure_outputs.subspace_similarities(facs, which), _labels(loras), ranks,
         figures=FLAGS.figures)
     print(f"subspace similarity of {len(loras)} LoRA models (ranks {ranks}) -> "
           f"{os.path.dirname(paths[0])}")
   if "intruders" in FLAGS.measures:
     records = measure_outputs.intruder_records(
-        [s.name for s in srcs], [s.method for s in srcs], [s.params for s in srcs],
+        _labels(srcs), [s.method for s in srcs], [s.params for s in srcs],
         [None if lora.has_lora(s.params) else s.base_params for s in srcs], _modules(),
         FLAGS.intruder_k, FLAGS.intruder_eps)
     paths = measure_outputs.write_intruders(os.path.join(FLAGS.out, "intruders"), records,

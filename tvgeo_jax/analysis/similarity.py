@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvgeo_jax.analysis.cka import centre_features
+from tvgeo_jax.geometry.linalg import after
 
 MEASURES = ("svcca", "pwcca", "procrustes")
 #: What each measure's matrix holds (plots and JSON say so).
@@ -94,42 +95,49 @@ def representation_bases(x, variance: float = 0.99) -> Dict[str, jax.Array]:
 
 
 def _pair_measures(bx, by_l, measures):
-  """All measures of one layer of x (``bx`` slices) against every layer of y."""
+  """All measures of one layer of x (``bx`` slices) against every layer of y.
+
+  SVCCA and Procrustes need singular values only (one values-only SVD call of both
+  matrices); PWCCA needs the left singular vectors too (a second call, ordered after
+  the first: two batched LAPACK calls in flight can wedge a 2-thread CPU pool, see
+  ``geometry.linalg``). Values-only SVDs cost ~1/3 of full ones on CPU.
+  """
   ux, sx, svtx, rx, kx = bx
   g = _einsum("ni,lnj->lij", ux, by_l["u"])                      # [L2, kx, ky] cosines
   i = jnp.arange(g.shape[-2])[:, None]
   j = jnp.arange(g.shape[-1])[None, :]
   valid = (rx > 0) & (by_l["rank"] > 0)                          # [L2]
   out = {}
+  names = [m for m in ("svcca", "procrustes") if m in measures]
   mats = []
   if "svcca" in measures:
     mats.append(jnp.where((i < kx) & (j < by_l["k_var"][:, None, None]), g, 0.0))
-  if "pwcca" in measures:
-    mats.append(g)
   if "procrustes" in measures:
+    # ‖XᵀY‖_* = ‖Sx Uxᵀ Uy Sy‖_* for unit-Frobenius X, Y
     nx = jnp.sqrt(jnp.sum(sx * sx))
     ny = jnp.sqrt(jnp.sum(by_l["s"] ** 2, axis=-1))
-    scaled = (sx[:, None] / jnp.maximum(nx, 1e-30)) * g * (
-        by_l["s"] / jnp.maximum(ny, 1e-30)[:, None])[:, None, :]
-    mats.append(scaled)
-  p, sv, _ = jnp.linalg.svd(jnp.stack(mats), full_matrices=False)  # one SVD call
-  idx = 0
-  if "svcca" in measures:
-    m = jnp.minimum(kx, by_l["k_var"])
-    keep = jnp.arange(sv.shape[-1])[None, :] < m[:, None]
-    out["svcca"] = jnp.sum(jnp.where(keep, sv[idx], 0.0), -1) / jnp.maximum(m, 1)
-    idx += 1
+    mats.append((sx[:, None] / jnp.maximum(nx, 1e-30)) * g * (
+        by_l["s"] / jnp.maximum(ny, 1e-30)[:, None])[:, None, :])
+  done = ()
+  if mats:
+    sv = jnp.linalg.svd(jnp.stack(mats), compute_uv=False)
+    done = (sv,)
+    for idx, m in enumerate(names):
+      if m == "svcca":
+        c = jnp.minimum(kx, by_l["k_var"])
+        keep = jnp.arange(sv.shape[-1])[None, :] < c[:, None]
+        out["svcca"] = jnp.sum(jnp.where(keep, sv[idx], 0.0), -1) / jnp.maximum(c, 1)
+      else:
+        out["procrustes"] = jnp.maximum(2.0 - 2.0 * jnp.sum(sv[idx], -1), 0.0)
   if "pwcca" in measures:
-    m = jnp.minimum(rx, by_l["rank"])
-    keep = jnp.arange(sv.shape[-1])[None, :] < m[:, None]      # [L2, c]
+    p, rho, _ = jnp.linalg.svd(after(g, *done), full_matrices=False)
+    c = jnp.minimum(rx, by_l["rank"])
+    keep = jnp.arange(rho.shape[-1])[None, :] < c[:, None]       # [L2, c]
     # ⟨h_i, x_j⟩ for the canonical variates h_i = Ux p_i of x and x's neurons x_j
-    proj = _einsum("lki,kd->lid", p[idx], svtx)                   # [L2, c, d]
+    proj = _einsum("lki,kd->lid", p, svtx)                         # [L2, c, d]
     alpha = jnp.where(keep, jnp.sum(jnp.abs(proj), axis=-1), 0.0)
     alpha = alpha / jnp.maximum(jnp.sum(alpha, -1, keepdims=True), 1e-30)
-    out["pwcca"] = jnp.sum(alpha * sv[idx], -1)
-    idx += 1
-  if "procrustes" in measures:
-    out["procrustes"] = jnp.maximum(2.0 - 2.0 * jnp.sum(sv[idx], -1), 0.0)
+    out["pwcca"] = jnp.sum(alpha * rho, -1)
   return {k: jnp.where(valid, v, jnp.nan) for k, v in out.items()}
 
 

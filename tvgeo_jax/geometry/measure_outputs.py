@@ -103,12 +103,17 @@ def _pairs_figure(root, module, factor, phi, names, ranks) -> str:
   from tvgeo_jax import figures as fg
   t = len(names)
   pairs = [(s, u) for s in range(t) for u in range(s + 1, t)][:MAX_PAIR_PANELS] or [(0, 0)]
+  import matplotlib.pyplot as plt
   mean = _layer_mean(phi, axis=2)
-  fig, axes = fg.panels(len(pairs), f"{module}: φ(i, j) of {_SIDE[factor]}, mean over layers "
-                        f"(Hu et al. 2021)" + (f", first {MAX_PAIR_PANELS} pairs"
-                                               if t * (t - 1) // 2 > MAX_PAIR_PANELS else ""),
-                        size=3.6)
-  for ax, (s, u) in zip(axes, pairs):
+  ncols = min(4, len(pairs))
+  nrows = -(-len(pairs) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, 3.6 * nrows), squeeze=False)
+  fig.suptitle(f"{module}: φ(i, j) of {_SIDE[factor]}, mean over layers (Hu et al. 2021)"
+               + (f", first {MAX_PAIR_PANELS} pairs" if t * (t - 1) // 2 > MAX_PAIR_PANELS
+                  else ""))
+  for ax in axes.ravel()[len(pairs):]:
+    ax.axis("off")
+  for ax, (s, u) in zip(axes.ravel(), pairs):
     m = mean[s, u, :ranks[s], :ranks[u]]
     im = ax.imshow(np.ma.masked_invalid(m), vmin=0, vmax=1, cmap="viridis", origin="lower",
                    aspect="auto", extent=(0.5, ranks[u] + 0.5, 0.5, ranks[s] + 0.5))
