@@ -1,4 +1,7 @@
-"""Per-layer-pair cost of SVCCA/PWCCA/Procrustes vs CKA at roberta-base width (one pair of layers)."""
+"""Cost of SVCCA / PWCCA / Procrustes per layer pair vs CKA, at roberta-base width.
+
+  python -m benchmarks.bench_similarity     (n=2000 examples, d=768, 2 layers per model)
+"""
 import time, numpy as np, jax
 from tvgeo_jax.analysis import similarity as sim, cka
 rng = np.random.default_rng(0)

@@ -144,7 +144,8 @@ def analyse(reps: Mapping[str, np.ndarray], out_dir: str, *, layers: Optional[Se
   """CKA, UMAP and cluster numbers and figures of ``{model: [L + 1, n, d]}`` stacks.
 
   Writes ``cka.json`` + ``cka_heatmaps.png``, ``similarities.json`` +
-  ``{svcca,pwcca,procrustes}_heatmaps.png`` (those in ``similarities``), (with ``umap``) ``umap.json`` +
+  ``{svcca,pwcca,procrustes}_heatmaps.png`` (those in ``similarities``), (with ``umap``)
+  ``umap.json`` +
   ``umap.png``, ``clusters.json`` and the summary ``representations.json`` into
   ``out_dir``; returns the summary.
 
