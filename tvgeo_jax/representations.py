@@ -268,6 +268,7 @@ def run_study(run_dirs: Sequence[str], out_dir: str, *, task: Optional[str] = No
   ``task`` (if given) must match the runs' task. Data settings (seed, scale, data
   directory, maximum length) are the first run's, so the examples are the run's.
   """
+  sim_lib.check_measures(analyse_kwargs.get("similarities", ()))   # before the slow part
   models, first = load_models(run_dirs, base)
   if task and task != first.task:
     raise ValueError(f"--task={task} but the runs were trained on {first.task}.")
