@@ -90,37 +90,46 @@ def _labels(srcs):
 
 def _other_measures(srcs):
   """Subspace similarity and intruder dimensions (``--measures``), after the distances."""
-  from tvgeo_jax.geometry import measure_outputs
   if "subspace_similarity" in FLAGS.measures:
-    loras = [s for s in srcs if lora.has_lora(s.params)]
-    if not loras:
-      raise ValueError("--measures=subspace_similarity needs LoRA runs or adapters; none of "
-                       "--runs carries LoRA factors.")
-    if len(loras) < len(srcs):
-      logging.warning("subspace_similarity: skipped %s (no LoRA factors).",
-                      [s.name for s in srcs if s not in loras])
-    facs = {m: [task_vectors.lora_factors(s.params, m) for s in loras] for m in _modules()}
-    which = [f for f in FLAGS.factors if f in ("a", "b")] or ["a", "b"]
-    ranks = [int(facs[_modules()[0]][i][0].shape[1]) for i in range(len(loras))]
-    paths = measure_outputs.write_subspace_similarity(
-        os.path.join(FLAGS.out, "subspace_similarity"),
-        measure_outputs.subspace_similarities(facs, which), _labels(loras), ranks,
-        figures=FLAGS.figures)
-    print(f"subspace similarity of {len(loras)} LoRA models (ranks {ranks}) -> "
-          f"{os.path.dirname(paths[0])}")
+    _subspace_similarity(srcs)
   if "intruders" in FLAGS.measures:
-    records = measure_outputs.intruder_records(
-        _labels(srcs), [s.method for s in srcs], [s.params for s in srcs],
-        [None if lora.has_lora(s.params) else s.base_params for s in srcs], _modules(),
-        FLAGS.intruder_k, FLAGS.intruder_eps)
-    paths = measure_outputs.write_intruders(os.path.join(FLAGS.out, "intruders"), records,
-                                            k=FLAGS.intruder_k, eps=FLAGS.intruder_eps,
-                                            figures=FLAGS.figures)
-    for r in records:
-      print(f"intruders {r['name']} ({r['method']}): " + ", ".join(
-          f"{m} {int(v['count'].sum())}" for m, v in r["modules"].items()))
-    print(f"intruder dimensions (k={FLAGS.intruder_k}, eps={FLAGS.intruder_eps}) -> "
-          f"{os.path.dirname(paths[0])}")
+    _intruders(srcs)
+
+
+def _subspace_similarity(srcs):
+  from tvgeo_jax.geometry import measure_outputs
+  loras = [s for s in srcs if lora.has_lora(s.params)]
+  if not loras:
+    raise ValueError("--measures=subspace_similarity needs LoRA runs or adapters; none of "
+                     "--runs carries LoRA factors.")
+  if len(loras) < len(srcs):
+    logging.warning("subspace_similarity: skipped %s (no LoRA factors).",
+                    [s.name for s in srcs if s not in loras])
+  facs = {m: [task_vectors.lora_factors(s.params, m) for s in loras] for m in _modules()}
+  which = [f for f in FLAGS.factors if f in ("a", "b")] or ["a", "b"]
+  ranks = {m: [int(a.shape[1]) for a, _ in pairs] for m, pairs in facs.items()}
+  paths = measure_outputs.write_subspace_similarity(
+      os.path.join(FLAGS.out, "subspace_similarity"),
+      measure_outputs.subspace_similarities(facs, which), _labels(loras), ranks,
+      figures=FLAGS.figures)
+  print(f"subspace similarity of {len(loras)} LoRA models (ranks "
+        f"{next(iter(ranks.values()))}) -> {os.path.dirname(paths[0])}")
+
+
+def _intruders(srcs):
+  from tvgeo_jax.geometry import measure_outputs
+  records = measure_outputs.intruder_records(
+      _labels(srcs), [s.method for s in srcs], [s.params for s in srcs],
+      [None if lora.has_lora(s.params) else s.base_params for s in srcs], _modules(),
+      FLAGS.intruder_k, FLAGS.intruder_eps)
+  paths = measure_outputs.write_intruders(os.path.join(FLAGS.out, "intruders"), records,
+                                          k=FLAGS.intruder_k, eps=FLAGS.intruder_eps,
+                                          figures=FLAGS.figures)
+  for r in records:
+    print(f"intruders {r['name']} ({r['method']}): " + ", ".join(
+        f"{m} {int(v['count'].sum())}" for m, v in r["modules"].items()))
+  print(f"intruder dimensions (k={FLAGS.intruder_k}, eps={FLAGS.intruder_eps}) -> "
+        f"{os.path.dirname(paths[0])}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ What ``python -m experiments.grid_distances --measures=subspace_similarity,intru
 writes beside the distances (each directory replaced as a whole)::
 
   OUT/subspace_similarity/phi.npz    "{module}/{factor}" -> φ [T, T, L, r_max, r_max]
-                                     (NaN beyond a task's rank), "task_names", "ranks"
+                                     (NaN beyond a task's rank), "{module}/ranks",
+                                     "task_names"
   OUT/subspace_similarity/phi.json   per module/factor: φ(top-i, top-i) averaged over
                                      layers for every task pair, [T, T, r_max]
   OUT/subspace_similarity/figures/   tasks_{module}_{factor}.png: [T, T] heatmaps of the
@@ -57,24 +58,31 @@ def subspace_similarities(factors: Mapping[str, Sequence[tuple]],
 
 
 def write_subspace_similarity(out_dir: str, results: Mapping[str, Mapping[str, np.ndarray]],
-                              task_names: Sequence[str], ranks: Sequence[int], *,
+                              task_names: Sequence[str], ranks, *,
                               figures: bool = True) -> List[str]:
-  """Write ``subspace_similarities`` results; returns the files written (final paths)."""
+  """Write ``subspace_similarities`` results; returns the files written (final paths).
+
+  ``ranks``: each task's LoRA rank, one list for all modules or ``{module: [r_t]}``.
+  """
+  if not isinstance(ranks, Mapping):
+    ranks = {m: list(ranks) for m in results}
   final = os.path.abspath(out_dir)
   rels = ["phi.npz", "phi.json"]
   with io_utils.atomic_directory(final) as tmp:
-    arrays = {"task_names": np.asarray(list(task_names)), "ranks": np.asarray(list(ranks))}
+    arrays = {"task_names": np.asarray(list(task_names))}
     doc = {"measure": "LoRA subspace similarity phi(i, j) (Hu et al. 2021, section 7)",
-           "task_names": list(task_names), "ranks": list(ranks), "modules": {}}
+           "task_names": list(task_names), "modules": {}}
     for module, by_factor in results.items():
+      arrays[f"{module}/ranks"] = np.asarray(ranks[module])
+      doc["modules"][module] = {"ranks": list(ranks[module])}
       for f, phi in by_factor.items():
         arrays[f"{module}/{f}"] = phi
         top = ss.phi_top(_layer_mean(phi, axis=2))                  # [T, T, r]
-        doc["modules"].setdefault(module, {})[f] = {
+        doc["modules"][module][f] = {
             "basis": _SIDE[f], "layer_mean_phi_top_i": _nan_to_none(top)}
         if figures:
-          rels.append(_tasks_figure(tmp, module, f, phi, task_names, ranks))
-          rels.append(_pairs_figure(tmp, module, f, phi, task_names, ranks))
+          rels.append(_tasks_figure(tmp, module, f, phi, task_names, ranks[module]))
+          rels.append(_pairs_figure(tmp, module, f, phi, task_names, ranks[module]))
     np.savez(os.path.join(tmp, "phi.npz"), **arrays)
     io_utils.atomic_write_json(os.path.join(tmp, "phi.json"), doc)
   return [os.path.join(final, r) for r in rels]
