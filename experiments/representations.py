@@ -4,8 +4,9 @@ r"""Paper B's representation study of one task: CKA heatmaps, UMAP maps, cluster
       --runs=runs/synth_sst2/full_tiny_s0,runs/synth_sst2/lora_tiny_s0,runs/synth_sst2/bottleneck_tiny_s0
 
 Compares the frozen base model (PLM; ``--base`` overrides the runs' base) with each
-finished run (labelled by its method) on the same examples of ``--split``: CKA between
-every pair of models (layers × layers), the quartiles and maximum of each row and
+finished run (labelled by its method) on the same examples of ``--split``: CKA (and
+``--similarities``: SVCCA, PWCCA, orthogonal Procrustes) between every pair of models
+(layers × layers), the quartiles and maximum of each row and
 column, UMAP of the first-token representations of ``--layers`` fitted on one model
 (``--fit_on``, default the bottleneck run) and transformed for the others, paired 2-D
 distances, and k-means cluster composition in the full representation space.
@@ -32,6 +33,9 @@ flags.DEFINE_list("layers", None, "Layers for UMAP/clusters (0 = embeddings; def
                   "first, middle and last encoder layer).")
 flags.DEFINE_enum("estimator", "unbiased", ["unbiased", "biased"], "CKA estimator.")
 flags.DEFINE_integer("cka_batch_size", 256, "Minibatch size of the CKA (0: one batch).")
+flags.DEFINE_list("similarities", ["svcca", "pwcca", "procrustes"],
+                  "Layer similarities besides CKA (Raghu 2017, Morcos 2018, Ding 2021); "
+                  "'none' for CKA only.")
 flags.DEFINE_bool("umap", True, "Compute UMAP maps (numba compiles slowly the first time).")
 flags.DEFINE_string("fit_on", None, "Model the UMAP is fitted on (default: bottleneck run).")
 flags.DEFINE_integer("n_neighbors", 15, "UMAP n_neighbors.")
@@ -57,7 +61,8 @@ def main(argv):
   kwargs = dict(layers=layers, estimator=FLAGS.estimator,
                 cka_batch_size=FLAGS.cka_batch_size or None, umap=FLAGS.umap,
                 fit_on=FLAGS.fit_on, n_neighbors=FLAGS.n_neighbors,
-                approximate=FLAGS.approximate, n_clusters=FLAGS.clusters)
+                approximate=FLAGS.approximate, n_clusters=FLAGS.clusters,
+                similarities=[m for m in FLAGS.similarities if m != "none"])
   if FLAGS.seed is not None:
     kwargs["seed"] = FLAGS.seed
   summary = representations.run_study(

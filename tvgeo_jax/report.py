@@ -250,7 +250,8 @@ def build(pipe) -> List[Block]:
   blocks += distances_section(pipe)
   blocks += _study_section(pipe, "merge", "Table 3 — merging interference and distances; TIES "
                                          "analyses (papers A and C)")
-  blocks += _study_section(pipe, "representations", "Paper B — CKA and UMAP of representations")
+  blocks += _study_section(pipe, "representations",
+                           "Paper B — CKA, SVCCA, PWCCA, Procrustes and UMAP of representations")
   blocks += _study_section(pipe, "one_vs_rest", "Paper D — one-vs-rest vs multiclass LoRA")
   return blocks
 

@@ -5,8 +5,12 @@
   (``distance_grid``, ``distance_grids``, ``DistanceGrid``);
 * ``outputs``: ``write_distance_outputs`` (npz, json, figures);
 * ``linalg``: the numerical building blocks (full-precision products, bases,
-  accurate principal angles).
+  accurate principal angles);
+* ``subspace_similarity`` (LoRA φ of Hu et al. 2021), ``intruders`` (Shuttleworth et al.
+  2024) and their files and figures, ``measure_outputs``.
 """
+from tvgeo_jax.geometry.intruders import intruder_dimensions
+from tvgeo_jax.geometry.subspace_similarity import subspace_similarity_grid
 from tvgeo_jax.geometry.grid import (FACTORS, METRICS, DistanceGrid, distance_grid,
                                      distance_grids, grid_arrays)
 from tvgeo_jax.geometry.outputs import summary, write_distance_outputs
@@ -21,5 +25,5 @@ __all__ = [
     "summary", "write_distance_outputs", "cosine_distance", "dense_basis",
     "grassmann_distance", "l2_distance", "lora_cosine_distance", "lora_grassmann_distance",
     "lora_inner", "lora_l2_distance", "lora_principal_angles", "numerical_rank",
-    "principal_angles",
+    "principal_angles", "intruder_dimensions", "subspace_similarity_grid",
 ]
