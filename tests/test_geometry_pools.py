@@ -167,11 +167,9 @@ class NearPairTest(parameterized.TestCase):
     a = rng.standard_normal((5, 2, 4, 30)).astype(np.float32)
     b = rng.standard_normal((5, 2, 40, 4)).astype(np.float32)
     res = {m: geo.distance_grid((a, b), factors=("product", "a", "b"), metrics=("l2", "cosine"),
-                                flat_method=m, tile=3) for m in ("auto", "gram", "difference")}
+                                flat_method=m, tile=3) for m in ("auto", "gram")}
     for key in res["auto"].distances:
       np.testing.assert_array_equal(res["auto"].distances[key], res["gram"].distances[key])
-      np.testing.assert_allclose(res["difference"].distances[key], res["gram"].distances[key],
-                                 rtol=1e-5, atol=1e-6)
 
 
 class PlanTest(absltest.TestCase):
@@ -194,7 +192,7 @@ class PlanTest(absltest.TestCase):
     b[1] = b[0] + 1e-3 * b[1]                                # a near pair and small angles
     a[1] = a[0]
     one = geo.grid_arrays((a, b), factors=geo.FACTORS)
-    for tile in (2, 3):
+    for tile in (3,):
       other = geo.grid_arrays((a, b), factors=geo.FACTORS, tile=tile)
       for key in one:
         np.testing.assert_allclose(other[key], one[key], rtol=2e-6, atol=2e-7, err_msg=key)

@@ -8,7 +8,7 @@ adapters of different rank were zero-padded to a common ``r``
 
 How the work is organised: the upper block triangle of the ``[T, T]`` matrices
 is cut into ``tb x tb`` tiles (``plan.plan_grid`` sizes them for a memory
-budget); the tiles are split over a 1-D device mesh (``jax.shard_map``, inputs
+budget; the last block overlaps its neighbour, nothing is padded); the tiles are split over a 1-D device mesh (``jax.shard_map``, inputs
 replicated, one compiled call; multi-host like training); on each device the
 layers run in sequence, and within a layer first the per-task pieces (bases,
 cores, norms) and then this device's tiles (``tiles``). The host puts the tiles
@@ -155,14 +155,14 @@ def _check_names(names: Sequence[str], metrics, factors, kind, top_k):
 # --- the compiled call -------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def _compiled(mesh, kind, metrics, factors, rtol, top_k, tile, n_blocks, n_layers, flat_method):
+def _compiled(mesh, kind, metrics, factors, rtol, top_k, tile, t, n_layers, flat_method):
   """The jitted, device-sharded grid for one configuration (cached per mesh and shapes)."""
   from jax.sharding import PartitionSpec as P
   from tvgeo_jax.training import sharding
-  blocks = plan_lib.tile_blocks(n_blocks)
+  starts = plan_lib.tile_starts(t, tile)
   n_dev = mesh.size
-  per_dev = math.ceil(len(blocks) / n_dev)
-  padded = np.concatenate([blocks, np.repeat(blocks[:1], per_dev * n_dev - len(blocks), 0)])
+  per_dev = math.ceil(len(starts) / n_dev)      # spare slots repeat tile 0 (results unused)
+  padded = np.concatenate([starts, np.repeat(starts[:1], per_dev * n_dev - len(starts), 0)])
   tile_fn = tiles_lib.lora_tile if kind == "lora" else tiles_lib.dense_tile
   opts = dict(tb=tile, metrics=metrics, factors=factors, flat_method=flat_method)
 
@@ -178,7 +178,7 @@ def _compiled(mesh, kind, metrics, factors, rtol, top_k, tile, n_blocks, n_layer
   axis = sharding.DATA_AXIS
   mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis)),
                          out_specs=(P(None, axis), P()), check_vma=False)
-  return jax.jit(lambda arrays: mapped(arrays, jnp.asarray(padded, jnp.int32))), blocks
+  return jax.jit(lambda arrays: mapped(arrays, jnp.asarray(padded, jnp.int32))), starts
 
 
 def _on_mesh(x, mesh):
@@ -193,13 +193,12 @@ def _local(x) -> np.ndarray:
   return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
-def _assemble(tiles: np.ndarray, blocks: np.ndarray, t: int) -> np.ndarray:
+def _assemble(tiles: np.ndarray, starts: np.ndarray, t: int) -> np.ndarray:
   """``[L, n_tiles, tb, tb]`` upper-triangle tiles -> symmetric ``[L, T, T]`` (diagonal unset)."""
   n_l, _, tb, _ = tiles.shape
-  nb = int(blocks.max()) + 1
-  full = np.zeros((n_l, nb, nb, tb, tb), tiles.dtype)
-  full[:, blocks[:, 0], blocks[:, 1]] = tiles[:, :len(blocks)]
-  full = full.transpose(0, 1, 3, 2, 4).reshape(n_l, nb * tb, nb * tb)[:, :t, :t]
+  full = np.zeros((n_l, t, t), tiles.dtype)
+  for n, (i0, j0) in enumerate(starts):
+    full[:, i0:i0 + tb, j0:j0 + tb] = tiles[:, n]
   upper = np.triu(np.ones((t, t), bool), 1)
   return np.where(upper, full, np.swapaxes(full, 1, 2))
 
@@ -259,17 +258,14 @@ def grid_arrays(stack: Stack, *, metrics: Sequence[str] = METRICS,
   plan = _plan_for(kind, arrays[0].shape if kind == "dense" else
                    (t, n_layers, arrays[1].shape[2], arrays[0].shape[3], arrays[0].shape[2]),
                    metrics, factors, top_k, tile, max_memory, mesh.size)
-  n_blocks = math.ceil(t / plan.tile)
-  pad = n_blocks * plan.tile - t             # zero tasks: no direction, dropped below
-  arrays = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in arrays)
-  fn, blocks = _compiled(mesh, kind, tuple(metrics), tuple(factors),
-                         None if rtol is None else float(rtol), top_k, plan.tile, n_blocks,
+  fn, starts = _compiled(mesh, kind, tuple(metrics), tuple(factors),
+                         None if rtol is None else float(rtol), top_k, plan.tile, t,
                          n_layers, flat_method)
   tile_out, task_out = fn(tuple(_on_mesh(x, mesh) for x in arrays))
-  task = {k: _local(v)[:, :t] for k, v in task_out.items()}
+  task = {k: _local(v) for k, v in task_out.items()}
   raw = {k: v for k, v in task.items() if not k.endswith("/dim")}
   for key, v in tile_out.items():
-    full = _assemble(sharding.to_host(v), blocks, t)
+    full = _assemble(sharding.to_host(v), starts, t)
     idx = np.arange(t)
     full[:, idx, idx] = _diagonal(key, task)
     raw[key] = full

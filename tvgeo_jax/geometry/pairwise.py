@@ -183,23 +183,26 @@ def lora_difference_terms(b1, a1, b2, a2, bb2=None, aa1=None):
 
   The update difference is the rank-2r product of differenced factors,
   ``B1A1 − B2A2 = [δB | B2] [A1; δA]`` with ``δB = B1 − B2``, ``δA = A1 − A2``
-  (exact in floating point when the factors are close), so every term below is
-  of the size of the difference and nothing cancels; only ``r x 2r`` products
-  ``δBᵀ[δB | B2]`` and ``δA[A1ᵀ | δAᵀ]`` are formed, ``O((out + in) r²)``. ``bb2
-  = B2ᵀB2`` and ``aa1 = A1A1ᵀ`` may be passed precomputed. The accuracy holds
-  for near pairs whose factors are close (checkpoints of one run, a fine-tune of
-  a fine-tune); two factorisations of one update that differ by a gauge ``(BM,
-  M⁻¹A)`` still get absolute error ~eps ‖ΔW‖ (as a Gram would give ~sqrt(eps)).
-  Batch dimensions broadcast (factors of different ``r`` are zero-padded first).
+  (exact in floating point when the factors are close), so every term is of the
+  size of the difference and nothing cancels; only ``r x r`` products of
+  ``δB``, ``δA`` with ``δB``, ``B2``, ``A1``, ``δA`` are formed, ``O((out + in)
+  r²)`` (``difference_terms_from_products``). ``bb2 = B2ᵀB2``, ``aa1 = A1A1ᵀ``
+  may be passed precomputed. The accuracy holds for near pairs whose factors are
+  close (checkpoints of one run, a fine-tune of a fine-tune); two factorisations
+  of one update that differ by a gauge ``(BM, M⁻¹A)`` still get absolute error
+  ~eps ‖ΔW‖ (a Gram gives ~sqrt(eps) ‖ΔW‖). Factors of different ``r`` must be
+  zero-padded first (``pad_rank``).
   """
   db, da = b1 - b2, a1 - a2
-  r = db.shape[-1]
   bb2 = einsum("...or,...os->...rs", b2, b2) if bb2 is None else bb2
   aa1 = einsum("...ri,...si->...rs", a1, a1) if aa1 is None else aa1
-  p = einsum("...or,...os->...rs", db, jnp.concatenate([db, jnp.broadcast_to(b2, db.shape)], -1))
-  q = einsum("...ri,...si->...rs", da, jnp.concatenate([jnp.broadcast_to(a1, da.shape), da], -2))
-  dbdb, dbb2 = p[..., :r], p[..., r:]             # δBᵀδB, δBᵀB2
-  daa1, dada = q[..., :r], q[..., r:]             # δA A1ᵀ, δA δAᵀ
+  return difference_terms_from_products(
+      einsum("...or,...os->...rs", db, db), einsum("...or,...os->...rs", db, b2),
+      einsum("...ri,...si->...rs", da, a1), einsum("...ri,...si->...rs", da, da), bb2, aa1)
+
+
+def difference_terms_from_products(dbdb, dbb2, daa1, dada, bb2, aa1):
+  """``lora_difference_terms`` from ``δBᵀδB, δBᵀB2, δA A1ᵀ, δA δAᵀ, B2ᵀB2, A1A1ᵀ`` (``[..., r, r]``)."""
   a1da = jnp.swapaxes(daa1, -1, -2)
   sq = _sum2(dbdb, aa1) + 2.0 * _sum2(dbb2, a1da) + _sum2(bb2, dada)
   # <δB A1 + B2 δA, B1 A1 + B2 A2>, each Gram rebuilt from small + large exact-size parts

@@ -54,10 +54,16 @@ class GridPlan:
     ])
 
 
-def tile_blocks(n_blocks: int) -> np.ndarray:
-  """``[n_tiles, 2]`` block indices ``(I, J)``, ``I <= J`` (the upper block triangle)."""
-  bi, bj = np.triu_indices(n_blocks)
-  return np.stack([bi, bj], axis=1).astype(np.int32)
+def tile_starts(t: int, tile: int) -> np.ndarray:
+  """``[n_tiles, 2]`` first tasks ``(i0, j0)`` of the upper block triangle's tiles.
+
+  Block ``I`` starts at ``min(I · tile, T − tile)``: the last block overlaps its
+  neighbour instead of holding padding tasks (no padded copy of the inputs).
+  """
+  nb = math.ceil(t / tile)
+  bi, bj = np.triu_indices(nb)
+  start = np.minimum(np.arange(nb) * tile, t - tile)
+  return np.stack([start[bi], start[bj]], axis=1).astype(np.int32)
 
 
 def _per_pair_bytes(kind, out, inn, r, n_factors):
@@ -74,6 +80,16 @@ def _fixed_bytes(kind, t, l, out, inn, r, n_keys, devices):
   layer_tasks = F32 * t * (4 * per_task + (out * r if kind == "dense" else 0))
   results = F32 * n_keys * l * t * t // max(1, devices)
   return inputs, layer_tasks, results
+
+
+def _least_work_tile(t: int, largest: int) -> int:
+  """The tile size in ``[largest/2, largest]`` computing the fewest pairs (tiles x tile²,
+  plus ~16 pairs' worth of fixed cost per tile): diagonal tiles compute both halves and
+  the last block overlaps its neighbour."""
+  def pairs(tb):
+    tiles = math.ceil(t / tb) * (math.ceil(t / tb) + 1) // 2
+    return tiles * (tb * tb + 16)
+  return min(range(max(1, largest // 2), largest + 1), key=lambda tb: (pairs(tb), -tb))
 
 
 def plan_grid(kind: str, t: int, l: int, out: int, inn: int, r: int, *, devices: int = 1,
@@ -95,7 +111,7 @@ def plan_grid(kind: str, t: int, l: int, out: int, inn: int, r: int, *, devices:
       raise ValueError(f"--max_memory={max_memory} bytes is below what the grid needs per device "
                        f"(inputs, task data and results {inputs + layer_tasks + results} bytes plus "
                        f"one pair {per_pair}); raise it to at least {need} or use more devices.")
-    tile = int(min(t, max(1, math.isqrt(budget // per_pair))))
+    tile = _least_work_tile(t, int(min(t, max(1, math.isqrt(budget // per_pair)))))
   tile = max(1, min(int(tile), t))
   nb = math.ceil(t / tile)
   tiles = nb * (nb + 1) // 2

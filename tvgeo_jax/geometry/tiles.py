@@ -1,7 +1,8 @@
 """One tile of the ``[T, T]`` distance matrices: task block ``I`` against task block ``J``.
 
 The grid (``grid``) cuts the upper block triangle of every ``[T, T]`` matrix into
-``tb x tb`` tiles, spreads the tiles over the devices and runs this code for each
+``tb x tb`` tiles (the last block of tasks starts at ``T − tb``, overlapping its
+neighbour, so that no task is padded), spreads the tiles over the devices and runs this code for each
 (layers in sequence, a device's tiles in sequence). Per layer, everything about
 one task is computed once (``lora_tasks`` / ``dense_tasks``: orthonormal bases,
 spectral cores, norms); a tile then needs
@@ -39,8 +40,8 @@ NEAR = 0.5
 FLAT_METHODS = ("auto", "gram", "difference")
 
 
-def _block(x, k, tb):
-  return jax.lax.dynamic_slice_in_dim(x, k * tb, tb, 0)
+def _block(x, start, tb):
+  return jax.lax.dynamic_slice_in_dim(x, start, tb, 0)
 
 
 def lora_tasks(a, b, nominal, rtol) -> dict:
@@ -110,9 +111,9 @@ def _grassmann(cs_list, ranks, q_pairs, x_pairs, off):
 
 
 def lora_tile(sp, bi, bj, *, tb, metrics, factors, flat_method) -> Dict[str, jax.Array]:
-  """``{"factor/metric": [tb, tb]}`` for task blocks ``bi`` x ``bj`` of one layer."""
+  """``{"factor/metric": [tb, tb]}`` for tasks ``bi..bi+tb`` x ``bj..bj+tb`` of one layer."""
   blk = lambda x, k: _block(x, k, tb)
-  gi, gj = bi * tb + jnp.arange(tb), bj * tb + jnp.arange(tb)
+  gi, gj = bi + jnp.arange(tb), bj + jnp.arange(tb)
   off = gi[:, None] != gj[None, :]
   flat = [m for m in metrics if m != "grassmann"]
   need_gb = any(f in factors for f in ("product", "b"))
@@ -133,10 +134,13 @@ def lora_tile(sp, bi, bj, *, tb, metrics, factors, flat_method) -> Dict[str, jax
     near = jnp.any(jnp.stack([est[f][2] for f in factors]))
 
     def accurate():
-      terms = pairwise.lora_difference_terms(
-          blk(sp["b_raw"], bi)[:, None], blk(sp["a_raw"], bi)[:, None],
-          blk(sp["b_raw"], bj)[None], blk(sp["a_raw"], bj)[None],
-          bb2=blk(sp["bb"], bj)[None], aa1=blk(sp["aa"], bi)[:, None])
+      b_i, b_j = blk(sp["b_raw"], bi), blk(sp["b_raw"], bj)
+      a_i, a_j = blk(sp["a_raw"], bi), blk(sp["a_raw"], bj)
+      db, da = b_i[:, None] - b_j[None], a_i[:, None] - a_j[None]    # [tb, tb, d, r], [tb, tb, r, d]
+      terms = pairwise.difference_terms_from_products(
+          einsum("ijor,ijos->ijrs", db, db), einsum("ijor,jos->ijrs", db, b_j),
+          einsum("ijrn,isn->ijrs", da, a_i), einsum("ijrn,ijsn->ijrs", da, da),
+          blk(sp["bb"], bj)[None], blk(sp["aa"], bi)[:, None])
       return {f: pairwise.distances_from_difference(
           *terms[f], blk(sp["sq"][f], bi)[:, None], blk(sp["sq"][f], bj)[None])
               for f in factors}
@@ -163,10 +167,10 @@ def lora_tile(sp, bi, bj, *, tb, metrics, factors, flat_method) -> Dict[str, jax
 
 
 def dense_tile(sp, bi, bj, *, tb, metrics, factors, flat_method) -> Dict[str, jax.Array]:
-  """Dense task vectors: ``{"product/metric": [tb, tb]}`` for blocks ``bi`` x ``bj``."""
+  """Dense task vectors: ``{"product/metric": [tb, tb]}`` for the tasks from ``bi``, ``bj``."""
   del factors
   blk = lambda x, k: _block(x, k, tb)
-  gi, gj = bi * tb + jnp.arange(tb), bj * tb + jnp.arange(tb)
+  gi, gj = bi + jnp.arange(tb), bj + jnp.arange(tb)
   off = gi[:, None] != gj[None, :]
   flat = [m for m in metrics if m != "grassmann"]
   res: Dict[str, jax.Array] = {}
