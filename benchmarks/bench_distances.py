@@ -38,6 +38,7 @@ from absl import app, flags
 from tvgeo_jax.geometry import grid as grid_lib
 from tvgeo_jax.geometry import linalg
 from tvgeo_jax.geometry import plan as plan_lib
+from tvgeo_jax.training import sharding
 
 SCALES = {
     # name: (T tasks, L layers, d = out = in, r, modules)
@@ -149,6 +150,16 @@ def print_plan(name):
   plan = plan_lib.plan_grid("lora", t, l * len(mods), d, d, r, devices=jax.device_count(),
                             max_memory=_max_memory(), factors=("product",))
   print(f"dry run, {name} ({'+'.join(mods)}): " + plan.describe())
+  # XLA's own accounting of the same program, compiled for the shapes only (nothing runs)
+  fn, _ = grid_lib._compiled(sharding.data_mesh(), "lora", grid_lib.METRICS, ("product",), None,
+                             None, plan.tile, t, l * len(mods), "auto")
+  shapes = ((jax.ShapeDtypeStruct((t, l * len(mods), r, d), jnp.float32),
+             jax.ShapeDtypeStruct((t, l * len(mods), d, r), jnp.float32),
+             jax.ShapeDtypeStruct((t, l * len(mods)), jnp.int32)),)
+  mem = fn.lower(*shapes).compile().memory_analysis()
+  print(f"  XLA memory analysis of that program: arguments {mem.argument_size_in_bytes / 2**30:.2f} "
+        f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB, outputs "
+        f"{mem.output_size_in_bytes / 2**30:.2f} GiB per device")
 
 
 def main(argv: List[str]):

@@ -7,6 +7,8 @@ import tempfile
 import warnings
 
 from absl.testing import absltest, flagsaver, parameterized
+import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import torch
@@ -14,7 +16,7 @@ import transformers
 
 from experiments import grid_distances
 from tvgeo_jax import geometry as geo
-from tvgeo_jax import trees
+from tvgeo_jax.geometry import grid as grid_lib
 from tvgeo_jax.models import init_params, save_pretrained, tiny_config
 from test_geometry import ref_angles
 
@@ -184,6 +186,21 @@ class PlanTest(absltest.TestCase):
     self.assertEqual(small.tile, 10)                       # one tile when it fits
     with self.assertRaisesRegex(ValueError, "raise it to at least"):
       geo.plan_grid("lora", 1000, 24, 768, 768, 16, max_memory=2 ** 20)
+
+  def test_xla_temporaries_stay_within_the_plan_and_grow_with_the_tile(self):
+    t, l, d, r = 40, 2, 256, 8
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    shapes = ((jax.ShapeDtypeStruct((t, l, r, d), jnp.float32),
+               jax.ShapeDtypeStruct((t, l, d, r), jnp.float32),
+               jax.ShapeDtypeStruct((t, l), jnp.int32)),)
+    temps = []
+    for tile in (4, 16):
+      fn, _ = grid_lib._compiled(mesh, "lora", geo.METRICS, geo.FACTORS, None, None, tile, t, l,
+                                 "auto")
+      temps.append(fn.lower(*shapes).compile().memory_analysis().temp_size_in_bytes)
+      p = geo.plan_grid("lora", t, l, d, d, r, tile=tile, factors=geo.FACTORS)
+      self.assertLessEqual(temps[-1], p.memory["tile"] + p.memory["layer_tasks"])
+    self.assertGreater(temps[1], 2 * temps[0])     # one tile's intermediates, not all pairs'
 
   def test_tiling_does_not_change_the_numbers(self):
     rng = np.random.default_rng(6)
