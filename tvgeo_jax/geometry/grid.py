@@ -32,8 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
 from tvgeo_jax.geometry import plan as plan_lib
 from tvgeo_jax.geometry import tiles as tiles_lib
+from tvgeo_jax.training import sharding
 
 METRICS = ("l2", "cosine", "grassmann")
 FACTORS = ("product", "a", "b")
@@ -157,8 +160,6 @@ def _check_names(names: Sequence[str], metrics, factors, kind, top_k):
 @functools.lru_cache(maxsize=64)
 def _compiled(mesh, kind, metrics, factors, rtol, top_k, tile, t, n_layers, flat_method):
   """The jitted, device-sharded grid for one configuration (cached per mesh and shapes)."""
-  from jax.sharding import PartitionSpec as P
-  from tvgeo_jax.training import sharding
   starts = plan_lib.tile_starts(t, tile)
   n_dev = mesh.size
   per_dev = math.ceil(len(starts) / n_dev)      # spare slots repeat tile 0 (results unused)
@@ -183,7 +184,6 @@ def _compiled(mesh, kind, metrics, factors, rtol, top_k, tile, t, n_layers, flat
 
 def _on_mesh(x, mesh):
   """``x`` replicated on every device of ``mesh`` (every process passes the same value)."""
-  from tvgeo_jax.training import sharding
   if jax.process_count() > 1:
     return jax.make_array_from_process_local_data(sharding.replicated(mesh), np.asarray(x))
   return jax.device_put(x, sharding.replicated(mesh))
@@ -218,18 +218,16 @@ def grid_plan(stack: Stack, *, metrics: Sequence[str] = METRICS,
               devices: Optional[Sequence[Any]] = None) -> plan_lib.GridPlan:
   """The tiling, memory and FLOPs of ``grid_arrays`` on ``stack`` (nothing is computed)."""
   kind, arrays = _as_stack(stack)
-  return _plan_for(kind, arrays[0].shape if kind == "dense" else
-                   (arrays[0].shape[0], arrays[0].shape[1], arrays[1].shape[2], arrays[0].shape[3],
-                    arrays[0].shape[2]), metrics, factors, top_k, tile, max_memory,
+  return _plan_for(kind, arrays, metrics, factors, top_k, tile, max_memory,
                    len(devices) if devices is not None else jax.device_count())
 
 
-def _plan_for(kind, shape, metrics, factors, top_k, tile, max_memory, n_dev):
+def _plan_for(kind, arrays, metrics, factors, top_k, tile, max_memory, n_dev):
   if kind == "dense":
-    t, l, out, inn = shape
+    t, l, out, inn = arrays[0].shape
     r = min(out, inn) if top_k is None else int(top_k)
   else:
-    t, l, out, inn, r = shape
+    (t, l, r, inn), out = arrays[0].shape, arrays[1].shape[2]
   return plan_lib.plan_grid(kind, t, l, out, inn, r, devices=n_dev, max_memory=max_memory,
                             tile=tile, metrics=metrics, factors=factors)
 
@@ -252,12 +250,9 @@ def grid_arrays(stack: Stack, *, metrics: Sequence[str] = METRICS,
   _check_names([str(i) for i in range(arrays[0].shape[0])], metrics, factors, kind, top_k)
   if flat_method not in tiles_lib.FLAT_METHODS:
     raise ValueError(f"flat_method={flat_method!r}; choose from {tiles_lib.FLAT_METHODS}.")
-  from tvgeo_jax.training import sharding
   mesh = sharding.data_mesh(list(devices) if devices is not None else None)
   t, n_layers = arrays[0].shape[:2]
-  plan = _plan_for(kind, arrays[0].shape if kind == "dense" else
-                   (t, n_layers, arrays[1].shape[2], arrays[0].shape[3], arrays[0].shape[2]),
-                   metrics, factors, top_k, tile, max_memory, mesh.size)
+  plan = _plan_for(kind, arrays, metrics, factors, top_k, tile, max_memory, mesh.size)
   fn, starts = _compiled(mesh, kind, tuple(metrics), tuple(factors),
                          None if rtol is None else float(rtol), top_k, plan.tile, t,
                          n_layers, flat_method)

@@ -89,7 +89,8 @@ def _select_accurate(est, near, flat_method, accurate_fn, factors):
 
 
 def _grassmann(cs_list, ranks, q_pairs, x_pairs, off):
-  """Grassmann distances of a tile for each factor; ``cs_list[n]`` is ``[tb, tb, k, k]``.
+  """Grassmann distances of a tile for each factor; ``cs_list[n]`` is ``[tb, tb, k, k]``,
+  ``q_pairs[n]`` the bases ``([tb, n, k], [tb, n, k])`` of the tile's row and column tasks.
 
   One batched SVD for all factors, then each factor's sine step (when a pair
   needs it) in turn, each chained after the previous one.
@@ -102,10 +103,15 @@ def _grassmann(cs_list, ranks, q_pairs, x_pairs, off):
     u, cs, vt, valid = u_all[n], c_all[n], vt_all[n], valid_all[n]
     if outs:
       u = linalg.after(u, outs[-1])
-    theta = jax.lax.cond(
-        jnp.any(off & need_all[n]),
-        lambda: linalg.angles_from_svd(u, cs, vt, valid, qi, xi, qj, xj, True),
-        lambda: linalg.angles_from_svd(u, cs, vt, valid, with_sines=False))
+
+    def with_sines():
+      p1, p2 = linalg.sine_coefficients(u, cs, vt, xi, xj)
+      # q_j p2 − q_i p1 as one GEMM per task of the tile (batch j, resp. i), not tb² small ones
+      w = einsum("jor,ijrs->ijos", qj, p2) - einsum("ior,ijrs->ijos", qi, p1)
+      return linalg.angles_from_sine_vectors(cs, valid, w)
+
+    theta = jax.lax.cond(jnp.any(off & need_all[n]), with_sines,
+                         lambda: linalg.angles_from_sine_vectors(cs, valid))
     outs.append(linalg.grassmann_from_angles(theta, valid))
   return outs
 
@@ -159,7 +165,7 @@ def lora_tile(sp, bi, bj, *, tb, metrics, factors, flat_method) -> Dict[str, jax
       xi, xj = blk(sp[f]["x"], bi), blk(sp[f]["x"], bj)
       cs.append(einsum("iab,ijac,jcd->ijbd", xi, g, xj))
       ranks.append((blk(sp[f]["rank"], bi), blk(sp[f]["rank"], bj)))
-      qs.append((blk(q, bi)[:, None], blk(q, bj)[None]))
+      qs.append((blk(q, bi), blk(q, bj)))
       xs.append((xi[:, None], xj[None]))
     for f, d in zip(factors, _grassmann(cs, ranks, qs, xs, off)):
       res[f"{f}/grassmann"] = d
@@ -193,8 +199,7 @@ def dense_tile(sp, bi, bj, *, tb, metrics, factors, flat_method) -> Dict[str, ja
     qi, qj = blk(sp["q"], bi), blk(sp["q"], bj)
     c = einsum("ink,jnl->ijkl", qi, qj)
     res["product/grassmann"] = _grassmann(
-        [c], [(blk(sp["dim"], bi), blk(sp["dim"], bj))], [(qi[:, None], qj[None])],
-        [(None, None)], off)[0]
+        [c], [(blk(sp["dim"], bi), blk(sp["dim"], bj))], [(qi, qj)], [(None, None)], off)[0]
   return res
 
 
