@@ -1,5 +1,7 @@
 """Adapter pools as found on the hub: mixed LoRA ranks (peft's own adapters, rank_pattern)
 through the grid_distances CLI, and near pairs, against float64 references."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -81,6 +83,7 @@ class MixedRankPoolTest(absltest.TestCase):
     with flagsaver.flagsaver(runs=cls.dirs, base=base_dir, out=cls.out, figures=False,
                              modules=["query", "value"]):
       grid_distances.main([])
+    cls.base_dir = base_dir
     cls.npz = np.load(os.path.join(cls.out, "distances.npz"))
     with open(os.path.join(cls.out, "distances.json")) as f:
       cls.doc = json.load(f)
@@ -118,6 +121,17 @@ class MixedRankPoolTest(absltest.TestCase):
     self.assertIn(geo.grid.GRASSMANN_NOTE, value["notes"])
     self.assertEqual(value["lora_ranks"][2], [6, 3])
     self.assertIsNone(value["distances"]["a"]["l2"]["layer_mean"][0][2])   # r4 vs r6: NaN
+
+  def test_dry_run_prints_the_plan_and_computes_nothing(self):
+    out, buf = os.path.join(self.tmp, "dry"), io.StringIO()
+    with flagsaver.flagsaver(runs=self.dirs, base=self.base_dir, out=out, dry_run=True,
+                             max_memory=1.0, modules=["value"]), contextlib.redirect_stdout(buf):
+      grid_distances.main([])
+    text = buf.getvalue()
+    self.assertIn("value: distance grid plan: lora, T=4 tasks, L=2 layers, out=32, in=32, r=6",
+                  text)
+    self.assertIn("FLOPs", text)
+    self.assertFalse(os.path.exists(out))
 
 
 def _near_pair(rng, sep, out=64, inn=48, r=6):
