@@ -137,7 +137,8 @@ def run_scale(name, data, method, n_naive, repeats, seed) -> Dict[str, float]:
   del aj, bj
   naive_total, naive_per, n_total, n_timed = time_naive(a, b, n_naive, seed)
   f = plan.flops
-  flops = f["min"] + (f["difference"] if method == "difference" or data == "near" else 0.0) + (
+  differenced = method == "difference" or (method == "auto" and data == "near")
+  flops = f["min"] + (f["difference"] if differenced else 0.0) + (
       f["sines"] if data in ("near", "shared") else 0.0)
   return {"scale": f"{name}/{method}", "shape": f"T={t} L={l} d={d} r={r} x{len(mods)} module(s)",
           "naive_s": naive_total, "naive_per_pair_s": naive_per, "naive_pairs": n_total,
