@@ -209,10 +209,10 @@ class PlanTest(absltest.TestCase):
                jax.ShapeDtypeStruct((t, l), jnp.int32)),)
     temps = []
     for tile in (4, 16):
-      fn, _ = grid_lib._compiled(mesh, "lora", geo.METRICS, geo.FACTORS, None, None, tile, t, l,
+      fn, _ = grid_lib._compiled(mesh, "lora", geo.METRICS, ("product",), None, None, tile, t, l,
                                  "auto")
       temps.append(fn.lower(*shapes).compile().memory_analysis().temp_size_in_bytes)
-      p = geo.plan_grid("lora", t, l, d, d, r, tile=tile, factors=geo.FACTORS)
+      p = geo.plan_grid("lora", t, l, d, d, r, tile=tile)
       self.assertLessEqual(temps[-1], p.memory["tile"] + p.memory["layer_tasks"])
     self.assertGreater(temps[1], 2 * temps[0])     # one tile's intermediates, not all pairs'
 
@@ -222,11 +222,10 @@ class PlanTest(absltest.TestCase):
     b = rng.standard_normal((7, 2, 24, 3)).astype(np.float32)
     b[1] = b[0] + 1e-3 * b[1]                                # a near pair and small angles
     a[1] = a[0]
-    one = geo.grid_arrays((a, b), factors=geo.FACTORS)
-    for tile in (3,):
-      other = geo.grid_arrays((a, b), factors=geo.FACTORS, tile=tile)
-      for key in one:
-        np.testing.assert_allclose(other[key], one[key], rtol=2e-6, atol=2e-7, err_msg=key)
+    one = geo.grid_arrays((a, b), factors=("product", "b"))
+    other = geo.grid_arrays((a, b), factors=("product", "b"), tile=3)
+    for key in one:
+      np.testing.assert_allclose(other[key], one[key], rtol=2e-6, atol=2e-7, err_msg=key)
 
 
 if __name__ == "__main__":
