@@ -59,6 +59,10 @@ flags.DEFINE_integer("intruder_k", 10, "Intruders: top-k singular vectors tested
 flags.DEFINE_float("intruder_eps", 0.5, "Intruders: max |cos| below which a vector intrudes.")
 MEASURES = ("distances", "subspace_similarity", "intruders")
 
+flags.DEFINE_float("max_memory", None, "GiB per device for the grid (inputs, results and one "
+                   "tile of pairs); sets the tile size. Default: tiles of ~0.5 GiB.")
+flags.DEFINE_bool("dry_run", False, "Print the grid's plan (tiles, memory and FLOPs per "
+                  "device) and stop.")
 
 def load_models():
   """The sources of --runs or --runs_file (one base, checked)."""
@@ -90,14 +94,23 @@ def main(argv):
   metrics = [m for m in FLAGS.metrics if is_lora or m != "grassmann" or FLAGS.top_k]
   if len(metrics) < len(FLAGS.metrics):
     logging.warning("Grassmann skipped: dense task vectors are full rank; pass --top_k.")
+  max_memory = None if FLAGS.max_memory is None else int(FLAGS.max_memory * 2 ** 30)
+  if FLAGS.dry_run:
+    for module, stack in stacks.items():
+      print(f"{module}: " + geometry.grid_plan(stack, metrics=metrics, factors=factors,
+                                               top_k=FLAGS.top_k, max_memory=max_memory).describe())
+    return
   results = geometry.distance_grids(stacks, task_names=[s.name for s in srcs],
-                                    metrics=metrics, factors=factors, top_k=FLAGS.top_k)
+                                    metrics=metrics, factors=factors, top_k=FLAGS.top_k,
+                                    max_memory=max_memory)
   files = geometry.write_distance_outputs(
       FLAGS.out, results, figures=FLAGS.figures,
       kplus_figures=[int(k) for k in FLAGS.kplus_figures])
   for grid in results.values():
     for line in grid.reports:
       logging.warning("%s", line)
+  for note in dict.fromkeys(n for grid in results.values() for n in grid.notes):
+    print(f"  note: {note}")
   print(f"{len(srcs)} models x {len(results)} modules -> {FLAGS.out}")
   for kind, paths in files.items():
     print(f"  {kind}: {len(paths)} file(s)")
