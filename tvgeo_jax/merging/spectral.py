@@ -109,20 +109,20 @@ def iso_c(base: Mapping, models: Sequence[Mapping], lam: float = 1.0, *,
                      lambda stack: jnp.mean(stack, axis=0))
 
 
-def knots(base: Mapping, models: Sequence[Mapping], merge: str = "ties", lam=1.0, *,
-          modules: Modules = None, head_from: HeadFrom = 0, **merge_options) -> dict:
+def knots(base: Mapping, models: Sequence[Mapping], inner: str = "ties", lam=1.0, *,
+          modules: Modules = None, head_from: HeadFrom = 0, **inner_options) -> dict:
   """KnOTS: align the task matrices in the SVD basis of their concatenation, merge
-  the aligned ``Σ·V_tᵀ`` with ``merge`` (``merge_options``: e.g. ``k``, ``granularity``
-  for TIES, ``drop_rate``, ``seed`` for DARE-TIES), ``θ_0 + U·merged``.
+  the aligned ``Σ·V_tᵀ`` with the ``inner`` merge (``inner_options``: e.g. ``k``,
+  ``granularity`` for TIES, ``drop_rate``, ``seed`` for DARE-TIES), ``θ_0 + U·merged``.
 
   ``lam`` is the inner merge's λ; the result equals ``task_arithmetic`` when
-  ``merge="task_arithmetic"``.
+  ``inner="task_arithmetic"``.
   """
   what = "knots"
-  if merge not in KNOTS_MERGES:
-    raise ValueError(f"{what}: merge={merge!r}; choose one of {KNOTS_MERGES}.")
+  if inner not in KNOTS_MERGES:
+    raise ValueError(f"{what}: inner={inner!r}; choose one of {KNOTS_MERGES}.")
   inner = {"ties": ties.ties, "dare_ties": sparsify.dare_ties,
-           "task_arithmetic": task_vectors.task_arithmetic}[merge]
+           "task_arithmetic": task_vectors.task_arithmetic}[inner]
   tv = TaskVectors(base, models, modules, what)
   bases, coefs = {}, [dict() for _ in range(len(tv))]
   for p in tv.paths:
@@ -142,7 +142,7 @@ def knots(base: Mapping, models: Sequence[Mapping], merge: str = "ties", lam=1.0
       coefs[t][p] = sv[:, t * width:(t + 1) * width]
   zero = {p: jnp.zeros_like(c) for p, c in coefs[0].items()}
   merged = trees.flatten(inner(trees.unflatten(zero), [trees.unflatten(c) for c in coefs],
-                               lam=lam, head_from=None, **merge_options))
+                               lam=lam, head_from=None, **inner_options))
   delta = {p: (bases[p] @ merged[p]).T if p in bases else merged[p] for p in tv.paths}
   return tv.merged(delta, tv.models, head_from)
 
