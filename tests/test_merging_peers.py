@@ -69,6 +69,11 @@ def _close(got, want, atol=1e-5):
                              atol=atol, rtol=0)
 
 
+def _effective(tree, path):
+  """The kernel the forward pass sees (LoRA update folded in)."""
+  return np.asarray(merging.inputs.effective_leaf(tree, path), np.float64)
+
+
 def _rank(x):
   """numpy's matrix_rank at float32 precision (the task vectors are float32 differences)."""
   s = np.linalg.svd(x, compute_uv=False)
@@ -301,7 +306,8 @@ class SpectralReferenceTest(parameterized.TestCase):
     taus = _taus(base, models)
     k, lam = 0.3, 0.9
     got = _merged_delta(self, merging.knots(base, models, inner="ties", k=k, lam=lam), base)
-    # KnOTS: [ΔW_1 … ΔW_T] = U Σ [V_1ᵀ … V_Tᵀ] (PyTorch layout ΔW = kernelᵀ); TIES on Σ V_tᵀ.
+    # KnOTS: [ΔW_1 … ΔW_T] = U Σ [V_1ᵀ … V_Tᵀ] (PyTorch layout ΔW = kernelᵀ);
+    # TIES on the Σ V_tᵀ.
     bases, coefs = {}, []
     for p in KERNELS:
       cat = np.hstack([t[p].T for t in taus])
@@ -492,20 +498,21 @@ class PeftAdapterParityTest(parameterized.TestCase):
 
 class RegistryTest(parameterized.TestCase):
 
-  @parameterized.parameters(*merge_study.METHODS)
-  def test_every_method_merges_lora_runs(self, method):
+  def test_every_method_merges_lora_runs(self):
     rng = np.random.default_rng(10)
-    base = _tree(rng, {("encoder", "layer_0", "query", "kernel"): (8, 8),
-                       ("encoder", "layer_0", "value", "kernel"): (8, 8),
-                       ("classifier", "out_proj", "kernel"): (8, 2)})
-    models = [lora.inject_lora(base, targets=("query", "value"), rank=2, alpha=4.0, seed=s)
-              for s in range(3)]
+    base = _tree(rng)
+    zero = [lora.inject_lora(base, targets=("query", "value"), rank=2, alpha=4.0, seed=s)
+            for s in range(3)]                    # lora_b = 0: no update
     models = [trees.map_with_path(lambda p, v: (0.3 * rng.normal(size=np.shape(v))).astype(F)
-                                  if p[-1] in ("lora_a", "lora_b") else v, m) for m in models]
-    merged = merge_study.merge(method, models, lora.strip_lora(models[0]))
-    self.assertEqual(sorted(p for p in trees.flatten(merged) if p[-1] == "kernel"),
-                     sorted(p for p in trees.flatten(base) if p[-1] == "kernel"))
-    self.assertTrue(all(np.all(np.isfinite(v)) for v in trees.flatten(merged).values()))
+                                  if p[-1] in ("lora_a", "lora_b") else v, m) for m in zero]
+    kernels = sorted(p for p in trees.flatten(base) if p[-1] == "kernel")
+    for method in merge_study.METHODS:
+      merged = merge_study.merge(method, models, base)
+      self.assertEqual(sorted(p for p in trees.flatten(merged) if p[-1] == "kernel"), kernels)
+      self.assertTrue(all(np.all(np.isfinite(v)) for v in trees.flatten(merged).values()))
+      unchanged = merge_study.merge(method, zero, base)   # no update merges to the base
+      for p in KERNELS:
+        _close(_effective(unchanged, p), trees.get_path(base, p), atol=1e-6)
 
   def test_aliases_and_options(self):
     self.assertEqual(merge_study.resolve_method("svd"), "lora_svd")

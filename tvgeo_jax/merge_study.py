@@ -72,7 +72,8 @@ REGISTRY: Dict[str, MergeMethod] = {
                                    reference="Ilharco et al. 2023"),
     "ties": MergeMethod("ties", ("modules", "lam") + _TIES_OPTS, reference="paper C"),
     "dare": MergeMethod("dare", ("modules", "lam", "drop_rate", "seed", "space"),
-                        defaults=(("drop_rate", 0.5),), reference="Yu et al. 2024; peft dare_linear"),
+                        defaults=(("drop_rate", 0.5),),
+                        reference="Yu et al. 2024; peft dare_linear"),
     "dare_ties": MergeMethod("dare_ties", ("modules", "lam") + _DROP_OPTS,
                              defaults=(("drop_rate", 0.5),), reference="peft dare_ties"),
     "magnitude_prune": MergeMethod("magnitude_prune", ("modules", "lam", "k", "granularity",
@@ -589,6 +590,8 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
           "weight_average", "task_arithmetic", "ties"]
     elif "all" in multitask_methods:
       multitask_methods = [m for m in METHODS if all_lora or m not in LORA_ONLY]
+    if method not in [resolve_method(m) for m in multitask_methods]:
+      multitask_methods = list(multitask_methods) + [method]   # the pair method, compared too
     opts = {method: kw} if kw else {}
     multi = multitask(srcs, configs, cache, multitask_methods, score=score, seed=seed,
                       options=opts)

@@ -103,7 +103,7 @@ def tsv_merge(base: Mapping, models: Sequence[Mapping], lam: float = 1.0, *,
 
 def iso_c(base: Mapping, models: Sequence[Mapping], lam: float = 1.0, *,
           modules: Modules = None, head_from: HeadFrom = 0) -> dict:
-  """Iso-C: ``θ_0 + λ·σ̄·U·Vᵀ`` per matrix, with ``U·Σ·Vᵀ = Σ_t τ_t`` and σ̄ = mean(Σ)."""
+  """Iso-C: ``θ_0 + λ·σ̄·U·Vᵀ`` per matrix, ``U·Σ·Vᵀ = Σ_t τ_t``, ``σ̄ = mean(Σ)``."""
   return _per_matrix("iso_c", base, models, lam, modules, head_from,
                      lambda stack: _iso_matrix(jnp.sum(stack, axis=0)),
                      lambda stack: jnp.mean(stack, axis=0))
@@ -135,14 +135,19 @@ def knots(base: Mapping, models: Sequence[Mapping], inner: str = "ties", lam=1.0
     cat = jnp.concatenate([s.T for s in stack], axis=1)
     u, s, vt = jnp.linalg.svd(cat, full_matrices=False)
     r = numerical_rank(s, cat.shape)
+    if r == 0:          # no update on this matrix in any task
+      continue
     bases[p] = u[:, :r]
     sv = s[:r, None] * vt[:r]                                  # (r, T·in)
     width = stack.shape[1]
     for t in range(len(tv)):
       coefs[t][p] = sv[:, t * width:(t + 1) * width]
-  zero = {p: jnp.zeros_like(c) for p, c in coefs[0].items()}
-  merged = trees.flatten(inner(trees.unflatten(zero), [trees.unflatten(c) for c in coefs],
-                               lam=lam, head_from=None, **inner_options))
-  delta = {p: (bases[p] @ merged[p]).T if p in bases else merged[p] for p in tv.paths}
+  merged = {}
+  if coefs[0]:
+    zero = {p: jnp.zeros_like(c) for p, c in coefs[0].items()}
+    merged = trees.flatten(inner(trees.unflatten(zero), [trees.unflatten(c) for c in coefs],
+                                 lam=lam, head_from=None, **inner_options))
+  delta = {p: (bases[p] @ merged[p]).T if p in bases else
+           merged.get(p, jnp.zeros_like(tv.base_leaf(p))) for p in tv.paths}
   return tv.merged(delta, tv.models, head_from)
 

@@ -5,8 +5,8 @@ For LoRA models the task vector of a LoRA-carrying kernel is its update
 ``B·A``); all other leaves are frozen, so their task vector is zero and they are
 not part of it. Task-vector merges (task arithmetic, TIES, ``sparsify``,
 ``spectral``) therefore act on the products ``ΔW`` and return plain trees with the
-merged update folded into the kernels: ``θ = θ_0 + λ·τ_merged`` on the selected leaves, the base elsewhere, and
-the head of ``head_from``.
+merged update folded into the kernels: ``θ = θ_0 + λ·τ_merged`` on the selected
+leaves, the base elsewhere, and the head of ``head_from``.
 """
 from __future__ import annotations
 
