@@ -477,6 +477,13 @@ def multitask_markdown(multi: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def plt_colors(n: int) -> List[Any]:
+  """``n`` distinguishable colours (tab10, then tab20 beyond ten lines)."""
+  import matplotlib
+  cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+  return [cmap(i % cmap.N) for i in range(n)]
+
+
 def _plot_paper_c(out_dir: str, conflicts, topk, multi) -> List[str]:
   from tvgeo_jax import figures
   paths = []
@@ -502,13 +509,16 @@ def _plot_paper_c(out_dir: str, conflicts, topk, multi) -> List[str]:
     paths.append(os.path.join(out_dir, "topk.png"))
     figures.save_figure(fig, paths[-1])
   if multi is not None and multi["methods"]:
-    fig, (ax,) = figures.panels(1, "Multi-task merges")
-    for method, res in multi["methods"].items():
+    fig, (ax,) = figures.panels(1, "Multi-task merges", size=4.5 if len(multi["methods"]) > 6
+                                else 4.0)
+    colors = plt_colors(len(multi["methods"]))
+    for i, (method, res) in enumerate(multi["methods"].items()):
       ax.plot([r["n"] for r in res["rows"]], [r["mean_score"] for r in res["rows"]],
-              marker="o", label=method)
+              marker="os^vDP*X"[i % 8], color=colors[i], label=method)
+    ax.set_xticks(sorted({r["n"] for res in multi["methods"].values() for r in res["rows"]}))
     ax.set_xlabel("merged tasks")
     ax.set_ylabel(f"mean {multi['score']} over merged tasks")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     paths.append(os.path.join(out_dir, "multitask.png"))
     figures.save_figure(fig, paths[-1])
   return paths
