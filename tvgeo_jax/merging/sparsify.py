@@ -38,7 +38,7 @@ returns a plain tree with the update folded into the kernels. ``space="factors"`
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,18 +49,13 @@ from tvgeo_jax.merging import inputs
 from tvgeo_jax.merging.averaging import factor_modules
 from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path
 from tvgeo_jax.merging.task_vectors import TaskVectors
-from tvgeo_jax.merging.ties import (GRANULARITIES, SIGN_RULES, ZERO_SIGNS, check_density,
-                                    elect_sign, global_threshold, top_k_mask)
+from tvgeo_jax.merging.ties import (GRANULARITIES, SIGN_RULES, ZERO_SIGNS, _check_choice,
+                                    check_density, elect_sign, global_threshold, top_k_mask)
 
 SPACES = ("product", "factors")
 COMBINES = ("sum", "ties")
 # A drop rule: (leaf index, leaf path, stack [T, ...]) -> dropped and rescaled stack.
 DropRule = Callable[[int, Path, jax.Array], jax.Array]
-
-
-def _check_choice(value, choices, name, what):
-  if value not in choices:
-    raise ValueError(f"{what}: {name}={value!r}; choose one of {choices}.")
 
 
 class _Leaves:
