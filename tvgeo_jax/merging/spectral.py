@@ -9,7 +9,9 @@ inner merge in KnOTS.
 * ``tsv_merge`` (Gargiulo et al. 2025, TSV-M): per matrix, each task keeps its top
   ``int(min(in, out)/T)`` singular triplets; the kept left (and right) singular
   vectors of all tasks are concatenated and replaced by their nearest orthogonal
-  matrix (polar factor ``P·Qᵀ`` of ``P·Σ·Qᵀ``), ``Δ = U⊥·diag(σ)·V⊥ᵀ``.
+  matrix (polar factor ``P·Qᵀ`` of ``P·Σ·Qᵀ``), ``Δ = U⊥·diag(σ)·V⊥ᵀ``. A matrix with
+  ``min(in, out) < T`` (a 1×d token-type embedding) is averaged instead (the TSV code
+  would keep no triplet and merge it to zero).
 * ``iso_c`` (Marczak et al. 2025, Iso-C): ``Δ_TA = Σ_t τ_t``; ``Δ = σ̄·U·Vᵀ`` over its
   singular triplets, ``σ̄`` the mean singular value (isotropic spectrum).
 * ``knots`` (Stoica et al. 2025, KnOTS): in PyTorch layout the updates are concatenated
@@ -57,10 +59,8 @@ def polar_factor(x: jax.Array) -> jax.Array:
 def _tsv_matrix(stack: jax.Array) -> jax.Array:
   num, m, n = stack.shape
   k = min(m, n) // num
-  if k < 1:
-    raise ValueError(f"tsv_merge: {num} tasks on a {m}×{n} matrix leave no singular vector "
-                     "per task (int(min(in, out)/T) = 0); merge fewer tasks or select "
-                     "larger modules.")
+  if k < 1:           # e.g. a 1×d token-type embedding: no triplet per task, average it
+    return jnp.mean(stack, axis=0)
   us, ss, vts = [], [], []
   for t in range(num):
     u, s, vt = jnp.linalg.svd(stack[t], full_matrices=False)
