@@ -230,12 +230,21 @@ def magnitude_prune(base: Mapping, models: Sequence[Mapping], k: float = 0.2, la
                           modules=modules, head_from=head_from, what=what)
 
 
+def _ranks(x: jax.Array) -> jax.Array:
+  """Rank of every entry within its column of the 2-D ``x`` (0 = smallest): one argsort
+  and a scatter (half the cost of argsort(argsort(x)))."""
+  order = jnp.argsort(x, axis=0)
+  cols = jnp.broadcast_to(jnp.arange(x.shape[1])[None, :], x.shape)
+  rows = jnp.broadcast_to(jnp.arange(x.shape[0])[:, None], x.shape)
+  return jnp.zeros(x.shape, jnp.int32).at[order, cols].set(rows)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _middle_band(stack: jax.Array, n_bottom: int, n_top: int) -> jax.Array:
   """Zero, per model, the ``n_bottom`` smallest and ``n_top`` largest magnitudes."""
-  flat = jnp.abs(stack.reshape(stack.shape[0], -1))
-  rank = jnp.argsort(jnp.argsort(flat, axis=1), axis=1)  # 0 = smallest
-  keep = (rank >= n_bottom) & (rank < flat.shape[1] - n_top)
+  flat = jnp.abs(stack.reshape(stack.shape[0], -1)).T      # (entries, models)
+  rank = _ranks(flat).T
+  keep = (rank >= n_bottom) & (rank < flat.shape[0] - n_top)
   return jnp.where(keep.reshape(stack.shape), stack, 0.0)
 
 
@@ -265,7 +274,7 @@ def magprune_keep_probability(x: jax.Array, k: float, epsilon: float) -> jax.Arr
   first axis (each output unit of an ``(in, out)`` kernel; a 1-D leaf as one group),
   from ``k − ε`` (smallest) to ``k + ε`` (largest)."""
   groups = x.reshape(x.shape[0], -1)
-  rank = jnp.argsort(jnp.argsort(jnp.abs(groups), axis=0), axis=0).astype(jnp.float32)
+  rank = _ranks(jnp.abs(groups)).astype(jnp.float32)
   frac = rank / max(groups.shape[0] - 1, 1)
   return ((k - epsilon) + 2.0 * epsilon * frac).reshape(x.shape)
 
