@@ -69,7 +69,7 @@ def main(argv):
         "drop_rate": FLAGS.drop_rate, "refactor_rank": FLAGS.refactor_rank,
         "gamma": FLAGS.gamma, "epsilon": FLAGS.epsilon, "sign_rule": FLAGS.sign_rule,
         "zero_sign": FLAGS.zero_sign, "space": FLAGS.space, "inner": FLAGS.inner,
-        "seed": FLAGS.merge_seed}
+        "merge_seed": FLAGS.merge_seed}
   kw = {k: v for k, v in kw.items() if v is not None}
   srcs = sources.load_sources(sources.expand_paths(FLAGS.runs))
   res = merge_study.run_study(

@@ -524,6 +524,12 @@ class RegistryTest(parameterized.TestCase):
       merge_study.method_options("iso_c", {"k": 0.2})
     with self.assertRaisesRegex(ValueError, "Unknown merge method"):
       merge_study.resolve_method("slerp")
+    rng = np.random.default_rng(11)
+    base, models = _tree(rng), [_tree(rng) for _ in range(2)]
+    got = merge_study.merge("dare", models, base, merge_seed=3)   # study default p = 0.5
+    want = merging.dare(base, models, 0.5, seed=3)
+    for p, v in trees.flatten(want).items():
+      np.testing.assert_array_equal(trees.get_path(got, p), v)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class MergeMethod:
 
 
 _TIES_OPTS = ("k", "granularity", "sign_rule", "zero_sign")
-_DROP_OPTS = ("drop_rate", "seed", "sign_rule", "zero_sign", "space")
+_DROP_OPTS = ("drop_rate", "merge_seed", "sign_rule", "zero_sign", "space")
 REGISTRY: Dict[str, MergeMethod] = {
     "lora_factor_average": MergeMethod("lora_factor_average", ("modules",), False, True,
                                        reference="paper A; peft linear at w/4"),
@@ -71,7 +71,7 @@ REGISTRY: Dict[str, MergeMethod] = {
     "task_arithmetic": MergeMethod("task_arithmetic", ("modules", "lam"),
                                    reference="Ilharco et al. 2023"),
     "ties": MergeMethod("ties", ("modules", "lam") + _TIES_OPTS, reference="paper C"),
-    "dare": MergeMethod("dare", ("modules", "lam", "drop_rate", "seed", "space"),
+    "dare": MergeMethod("dare", ("modules", "lam", "drop_rate", "merge_seed", "space"),
                         defaults=(("drop_rate", 0.5),),
                         reference="Yu et al. 2024; peft dare_linear"),
     "dare_ties": MergeMethod("dare_ties", ("modules", "lam") + _DROP_OPTS,
@@ -80,12 +80,12 @@ REGISTRY: Dict[str, MergeMethod] = {
                                                        "space"), reference="peft magnitude_prune"),
     "breadcrumbs": MergeMethod("breadcrumbs", ("modules", "lam", "k", "gamma", "space"),
                                reference="Davari & Belilovsky 2023"),
-    "della": MergeMethod("della", ("modules", "lam", "k", "epsilon", "seed", "sign_rule",
+    "della": MergeMethod("della", ("modules", "lam", "k", "epsilon", "merge_seed", "sign_rule",
                                    "zero_sign", "space"), reference="Deep et al. 2024"),
     "tsv_merge": MergeMethod("tsv_merge", ("modules", "lam"), reference="Gargiulo et al. 2025"),
     "iso_c": MergeMethod("iso_c", ("modules", "lam"), reference="Marczak et al. 2025"),
     "knots": MergeMethod("knots", ("modules", "lam", "inner") + _TIES_OPTS
-                         + ("drop_rate", "seed"), reference="Stoica et al. 2025"),
+                         + ("drop_rate", "merge_seed"), reference="Stoica et al. 2025"),
 }
 METHODS = tuple(REGISTRY)
 ALIASES = {"lora_avg": "lora_factor_average", "lora_product": "lora_product_average",
@@ -157,13 +157,17 @@ def merge(method: str, models: Sequence[Mapping], base: Optional[Mapping] = None
   """``method`` applied to ``models``; the result carries ``models[0]``'s head.
 
   ``kw``: the method's options (``REGISTRY[method].options``: ``modules``, ``lam``,
-  ``k``, ``drop_rate``...), over its study defaults. ``lora_svd`` re-factorises to the
-  adapters' largest rank unless ``refactor_rank`` is given (peft's ``svd``).
+  ``k``, ``drop_rate``, ``merge_seed`` (the functions' ``seed`` of random drops, named
+  apart from the study's subset seed)...), over its study defaults. ``lora_svd``
+  re-factorises to the adapters' largest rank unless ``refactor_rank`` is given (peft's
+  ``svd``).
   """
   method = resolve_method(method)
   spec = REGISTRY[method]
   kw = method_options(method, kw)
   fn = getattr(merging, spec.function)
+  if "merge_seed" in kw:
+    kw["seed"] = kw.pop("merge_seed")
   if method == "lora_svd" and "refactor_rank" not in kw:
     kw["refactor_rank"] = max(int(np.shape(mod["lora_a"])[1]) for m in models
                               for mod in (trees.get_path(m, p) for p in lora.lora_paths(m)))
