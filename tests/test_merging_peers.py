@@ -227,6 +227,8 @@ class DropRuleReferenceTest(parameterized.TestCase):
       merging.breadcrumbs(base, models, gamma=1.5)
     with self.assertRaisesRegex(ValueError, "inner"):
       merging.knots(base, models, inner="slerp")
+    with self.assertRaisesRegex(ValueError, "takes no option"):
+      merging.knots(base, models, inner="ties", drop_rate=0.5)
     many = [_tree(rng) for _ in range(7)]     # min(6, 5) < 7: too small for TSV, averaged
     got = _merged_delta(merging.tsv_merge(base, many), base)
     for p, d in got.items():

@@ -38,7 +38,10 @@ from tvgeo_jax.merging import inputs, sparsify, task_vectors, ties
 from tvgeo_jax.merging.inputs import HeadFrom, Modules
 from tvgeo_jax.merging.task_vectors import TaskVectors
 
-KNOTS_MERGES = ("ties", "dare_ties", "task_arithmetic")
+# The inner merges of KnOTS and the options each takes.
+KNOTS_MERGES = {"ties": ("k", "granularity", "sign_rule", "zero_sign"),
+                "dare_ties": ("drop_rate", "seed", "sign_rule", "zero_sign"),
+                "task_arithmetic": ()}
 
 
 def numerical_rank(s: jax.Array, shape: Sequence[int]) -> int:
@@ -120,9 +123,13 @@ def knots(base: Mapping, models: Sequence[Mapping], inner: str = "ties", lam=1.0
   """
   what = "knots"
   if inner not in KNOTS_MERGES:
-    raise ValueError(f"{what}: inner={inner!r}; choose one of {KNOTS_MERGES}.")
-  inner = {"ties": ties.ties, "dare_ties": sparsify.dare_ties,
-           "task_arithmetic": task_vectors.task_arithmetic}[inner]
+    raise ValueError(f"{what}: inner={inner!r}; choose one of {tuple(KNOTS_MERGES)}.")
+  bad = sorted(set(inner_options) - set(KNOTS_MERGES[inner]))
+  if bad:
+    raise ValueError(f"{what}: inner={inner!r} takes no option(s) {bad}; it takes "
+                     f"{list(KNOTS_MERGES[inner])}.")
+  merge_fn = {"ties": ties.ties, "dare_ties": sparsify.dare_ties,
+              "task_arithmetic": task_vectors.task_arithmetic}[inner]
   tv = TaskVectors(base, models, modules, what)
   bases, coefs = {}, [dict() for _ in range(len(tv))]
   for p in tv.paths:
@@ -145,8 +152,8 @@ def knots(base: Mapping, models: Sequence[Mapping], inner: str = "ties", lam=1.0
   merged = {}
   if coefs[0]:
     zero = {p: jnp.zeros_like(c) for p, c in coefs[0].items()}
-    merged = trees.flatten(inner(trees.unflatten(zero), [trees.unflatten(c) for c in coefs],
-                                 lam=lam, head_from=None, **inner_options))
+    merged = trees.flatten(merge_fn(trees.unflatten(zero), [trees.unflatten(c) for c in coefs],
+                                    lam=lam, head_from=None, **inner_options))
   delta = {p: (bases[p] @ merged[p]).T if p in bases else
            merged.get(p, jnp.zeros_like(tv.base_leaf(p))) for p in tv.paths}
   return tv.merged(delta, tv.models, head_from)
