@@ -27,12 +27,12 @@ import os
 
 from absl import app, flags, logging
 
-from experiments import cli
+from experiments import cli, model_inputs
 
 from tvgeo_jax import geometry, lora, sources, task_vectors
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("runs", None, "Run or peft adapter directories (globs allowed).")
+flags.adopt_module_key_flags(model_inputs)  # --runs and friends in --helpshort
 flags.DEFINE_list("modules", ["query", "value"], "Modules to analyse (or 'all' for dense).")
 flags.DEFINE_list("metrics", list(geometry.METRICS), "Distances: l2, cosine, grassmann.")
 flags.DEFINE_list("factors", ["product", "a", "b"],
@@ -43,12 +43,6 @@ flags.DEFINE_integer("top_k", None,
                      "Dense Grassmann between the top-k left singular subspaces (full FT task "
                      "vectors are full rank, where the plain Grassmann distance is 0).")
 flags.DEFINE_string("base", None, "Base model for peft adapters (overrides the adapter's).")
-flags.DEFINE_string("runs_file", None, "Pool manifest: one run/adapter directory or hub "
-                    "adapter id per line, '#' comments (instead of --runs).")
-flags.DEFINE_bool("strict", False, "--runs_file: refuse the pool if a model is on another base "
-                  "(default: skip it with a warning).")
-flags.DEFINE_bool("allow_different_bases", False,
-                  "Compute although the models' base weights differ (a warning).")
 flags.DEFINE_string("out", "out/distances", "Output directory.")
 flags.DEFINE_list("kplus_figures", ["5"], "Also draw PCA figures of these k+ layer means.")
 flags.DEFINE_bool("figures", True, "Draw the figures.")
@@ -64,25 +58,12 @@ flags.DEFINE_float("max_memory", None, "GiB per device for the grid (inputs, res
 flags.DEFINE_bool("dry_run", False, "Print the grid's plan (tiles, memory and FLOPs per "
                   "device) and stop.")
 
-def load_models():
-  """The sources of --runs or --runs_file (one base, checked)."""
-  if bool(FLAGS.runs) == bool(FLAGS.runs_file):
-    raise app.UsageError("Pass --runs (finetune run or peft adapter directories) or "
-                         "--runs_file (a pool manifest), one of them.")
-  if FLAGS.runs_file:
-    srcs = sources.load_pool(FLAGS.runs_file, base=FLAGS.base, strict=FLAGS.strict)
-    sources.check_same_base(srcs, allow_different=FLAGS.allow_different_bases)
-    return srcs
-  return sources.load_sources(sources.expand_paths(FLAGS.runs), base=FLAGS.base,
-                              allow_different_bases=FLAGS.allow_different_bases)
-
-
 def main(argv):
   del argv
   bad = [m for m in FLAGS.measures if m not in MEASURES]
   if bad or not FLAGS.measures:
     raise app.UsageError(f"--measures: unknown {bad or FLAGS.measures}; choose from {MEASURES}.")
-  srcs = load_models()
+  srcs = model_inputs.load_models(base=FLAGS.base)
   if len(srcs) == 1:
     logging.warning("Only one model (%s): the grid is 1 x 1 (every distance to itself); pass "
                     "two or more runs or adapters.", srcs[0].path)

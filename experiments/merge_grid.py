@@ -15,18 +15,12 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, model_inputs
 
-from tvgeo_jax import merge_study, sources
+from tvgeo_jax import merge_study
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("runs", None, "Finished finetune run directories (globs allowed).")
-flags.DEFINE_string("runs_file", None, "Pool manifest: one run directory per line, '#' "
-                    "comments, names literal (instead of --runs).")
-flags.DEFINE_bool("strict", False, "--runs_file: refuse the pool if a run is on another base "
-                  "(default: skip it with a warning).")
-flags.DEFINE_bool("allow_different_bases", False,
-                  "Merge although the runs' base weights differ (a warning).")
+flags.adopt_module_key_flags(model_inputs)  # --runs and friends in --helpshort
 flags.DEFINE_enum("method", "lora_avg", list(merge_study.ALIASES) + list(merge_study.METHODS),
                   "Pair merge: lora_avg (factor averaging, paper A), lora_product, lora_svd "
                   "(peft svd), weight_avg, task_arithmetic, ties, dare, dare_ties, "
@@ -70,9 +64,6 @@ flags.DEFINE_bool("figures", True, "Draw the figures.")
 
 def main(argv):
   del argv
-  if bool(FLAGS.runs) == bool(FLAGS.runs_file):
-    raise app.UsageError("Pass --runs (finished finetune run directories) or --runs_file (a "
-                         "manifest of them), one of them.")
   method = merge_study.resolve_method(FLAGS.method)
   kw = {"lam": FLAGS.lam, "k": FLAGS.k, "granularity": FLAGS.granularity,
         "drop_rate": FLAGS.drop_rate, "refactor_rank": FLAGS.refactor_rank,
@@ -80,11 +71,7 @@ def main(argv):
         "zero_sign": FLAGS.zero_sign, "space": FLAGS.space, "inner": FLAGS.inner,
         "merge_seed": FLAGS.merge_seed}
   kw = {k: v for k, v in kw.items() if v is not None}
-  if FLAGS.runs_file:
-    srcs = sources.load_pool(FLAGS.runs_file, strict=FLAGS.strict)
-  else:
-    srcs = sources.load_sources(sources.expand_paths(FLAGS.runs),
-                                allow_different_bases=FLAGS.allow_different_bases)
+  srcs = model_inputs.load_models()
   res = merge_study.run_study(
       srcs, FLAGS.out, method, analyses=FLAGS.analyses, score=FLAGS.score,
       modules=FLAGS.modules, kplus=[int(k) for k in FLAGS.kplus],
