@@ -26,6 +26,7 @@ from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
+from jax.extend.random import threefry_2x32
 import jax.numpy as jnp
 
 from tvgeo_jax.models.config import EncoderConfig
@@ -187,23 +188,26 @@ class LayerNorm(nn.Module):
 
 def position_stable_bits(key: jax.Array, shape: Tuple[int, ...],
                          position_axes: Tuple[int, ...]) -> jax.Array:
-  """16-bit random words of ``shape``; along ``position_axes`` the words at index i come
-  from ``fold_in(key, i)`` (several axes: folded in order), so they are the same for
-  every length of those axes."""
-  if not position_axes:
+  """16-bit random words of ``shape`` that do not depend on the length of
+  ``position_axes``: the word at an index is Threefry-2x32 of the counter pair
+  (positions packed 16 bits each, flat index over the other axes) under ``key``, so
+  padding a batch to more tokens leaves every real token's word unchanged. As fast as
+  ``jax.random.bits`` (one hash per word; BUILD_NOTES). Only for the default
+  Threefry keys: other generators (``rbg``, a benchmark option) draw plain bits, whose
+  masks depend on the padded length."""
+  if not position_axes or str(jax.random.key_impl(key)) != "threefry2x32":
     return jax.random.bits(key, shape, jnp.uint16)
-  rest = tuple(d for i, d in enumerate(shape) if i not in position_axes)
-  grids = jnp.meshgrid(*[jnp.arange(shape[a]) for a in position_axes], indexing="ij")
-  flat = [g.reshape(-1) for g in grids]
-
-  def words(*index):
-    k = key
-    for i in index:
-      k = jax.random.fold_in(k, i)
-    return jax.random.bits(k, rest, jnp.uint16)
-
-  out = jax.vmap(words)(*flat).reshape(tuple(shape[a] for a in position_axes) + rest)
-  return jnp.moveaxis(out, tuple(range(len(position_axes))), position_axes)
+  index = jnp.indices(shape, sparse=True)
+  hi = jnp.zeros((), jnp.uint32)
+  for a in position_axes:
+    hi = (hi << 16) | index[a].astype(jnp.uint32)
+  lo = jnp.zeros((), jnp.uint32)
+  for i, d in enumerate(shape):
+    if i not in position_axes:
+      lo = lo * jnp.uint32(d) + index[i].astype(jnp.uint32)
+  hi, lo = jnp.broadcast_to(hi, shape).reshape(-1), jnp.broadcast_to(lo, shape).reshape(-1)
+  words = threefry_2x32(jax.random.key_data(key), jnp.concatenate([hi, lo]))[:hi.size]
+  return (words & 0xFFFF).astype(jnp.uint16).reshape(shape)
 
 
 class Dropout(nn.Module):
