@@ -22,6 +22,8 @@ from peft.utils import merge_utils
 from tvgeo_jax import lora, merge_study, merging, peft_io, trees
 from tvgeo_jax.models import Encoder, make_apply, save_pretrained, tiny_config
 
+import peft_fixtures
+
 F = np.float32
 SHAPES = {("encoder", "layer_0", "query", "kernel"): (6, 5),
           ("encoder", "layer_0", "query", "bias"): (5,),
@@ -341,19 +343,6 @@ class SpectralReferenceTest(parameterized.TestCase):
       _close(got[p], want[p], atol=1e-4)
 
 
-def _plain_adapter(directory):
-  """Factors only (no task type, no modules_to_save) so add_weighted_adapter combines them."""
-  from safetensors.numpy import load_file, save_file
-  cfg_path = os.path.join(directory, peft_io.CONFIG_FILE)
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  cfg.update(task_type=None, modules_to_save=None)
-  with open(cfg_path, "w") as f:
-    json.dump(cfg, f)
-  w_path = os.path.join(directory, peft_io.WEIGHTS_FILE)
-  save_file({k: v for k, v in load_file(w_path).items() if ".lora_" in k}, w_path)
-
-
 class PeftAdapterParityTest(parameterized.TestCase):
   """``add_weighted_adapter`` on two saved adapters vs our merge: ΔW and logits."""
 
@@ -385,7 +374,7 @@ class PeftAdapterParityTest(parameterized.TestCase):
     for i, m in enumerate(cls.models):
       peft_io.save_peft(os.path.join(cls.tmp, f"a{i}"), m, cls.config,
                         base_model_name_or_path=os.path.join(cls.tmp, "base1"))
-      _plain_adapter(os.path.join(cls.tmp, f"a{i}"))
+      peft_fixtures.plain_adapter(os.path.join(cls.tmp, f"a{i}"))
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(
         os.path.join(cls.tmp, "base1")).eval()
     cls.peft = peft.PeftModel.from_pretrained(hf, os.path.join(cls.tmp, "a0"), adapter_name="a0")
