@@ -1,6 +1,5 @@
 """Merges as pytree arithmetic: hand-computed trees, numpy references, peft parity."""
 import itertools
-import json
 import os
 import shutil
 import tempfile

@@ -6,7 +6,6 @@ and ``add_weighted_adapter`` on the same saved adapters (logits and ΔW) for ``s
 ``dare_linear_svd`` (product space). Elsewhere (breadcrumbs, DELLA, TSV-M, Iso-C,
 KnOTS) the papers' formulas in float64 numpy, written here independently.
 """
-import json
 import os
 import shutil
 import tempfile
