@@ -126,7 +126,7 @@ def scores_section(pipe) -> List[Block]:
         row.append("–")
         continue
       res = io_utils.read_json(os.path.join(d, runs.RESULTS))
-      test = res["metrics"]["test"] if "metrics" in res else res["test"]
+      test = res["metrics"]["test"]
       main = test.get("main")
       row.append(f"{100 * main:.2f}" if main is not None else "–")
     rows.append(row)

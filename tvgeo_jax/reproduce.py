@@ -42,7 +42,6 @@ class StudyPreset:
   repr_task: Optional[str] = None
   ovr_task: Optional[str] = None
   distance_top_k: int = 8
-  merge_methods: Tuple[str, ...] = ("lora_factor_average", "lora_product_average")
   repr_max_examples: int = 500
   umap: bool = True
   multitask_methods: Tuple[str, ...] = ("lora_factor_average", "task_arithmetic", "ties")
@@ -344,7 +343,7 @@ def one_vs_rest_findings(res: Mapping[str, Any]) -> List[str]:
   """Paper D: compare macro-F1 of the approaches (the paper found one-vs-rest competitive)."""
   scores = {}
   for name, entry in res.get("approaches", {}).items():
-    f1 = entry.get("macro_f1", entry.get("metrics", {}).get("f1_macro"))
+    f1 = entry.get("macro_f1")
     if f1 is not None:
       scores[name] = float(f1)
   if not scores:
@@ -377,7 +376,7 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
   """
   from tvgeo_jax.models import EncoderConfig
   from tvgeo_jax.training import flops as flops_lib
-  config = EncoderConfig() if preset.model in ("roberta-base", "embedded-roberta-base") else None
+  config = EncoderConfig() if preset.model == "roberta-base" else None
   if config is None:
     from tvgeo_jax.models import load_pretrained
     config, _ = load_pretrained(preset.model)

@@ -24,6 +24,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from tvgeo_jax import io_utils
 from tvgeo_jax.models.config import EncoderConfig
+from tvgeo_jax.training.checkpoint import CHECKPOINTS
 
 RESULTS = "results.json"
 RUN_CONFIG = "run_config.json"
@@ -31,7 +32,6 @@ METRICS_LOG = "metrics.jsonl"
 PARAMS = "params"
 HF = "hf"
 ADAPTER = "adapter"
-CHECKPOINTS = "checkpoints"
 
 
 def is_finished(run_dir: str) -> bool:
@@ -67,13 +67,9 @@ def write_outputs(run_dir: str, params: Mapping, model_config: EncoderConfig,
     save_pretrained(os.path.join(run_dir, HF), model_config, params)
   elif method == "lora":
     save_pretrained(os.path.join(run_dir, HF), model_config, lora.merge_lora(params))
-    try:
-      from tvgeo_jax import peft_io
-    except ImportError:
-      peft_io = None
-    if peft_io is not None:
-      peft_io.save_peft(os.path.join(run_dir, ADAPTER), params, model_config,
-                        base_model_name_or_path=base_model)
+    from tvgeo_jax import peft_io
+    peft_io.save_peft(os.path.join(run_dir, ADAPTER), params, model_config,
+                      base_model_name_or_path=base_model)
   from tvgeo_jax import fingerprint
   if method != "lora" and base_params is None:
     base_params = load_base_params(results)

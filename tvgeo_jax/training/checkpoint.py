@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 # precaution; the hang seen with two runs in one process came from the params save, see
 # save_tree). Every process opens the same runs in the same order, so the numbers agree.
 _RUN_COUNT = itertools.count()
+CHECKPOINTS = "checkpoints"  # RUN/checkpoints/{latest,best}
 
 
 def _manager(directory: str, max_to_keep: int, name: str) -> ocp.CheckpointManager:
@@ -43,7 +44,7 @@ class RunCheckpoints:
   """The two orbax managers of a run directory."""
 
   def __init__(self, run_dir: str):
-    root = self.root = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    root = self.root = os.path.join(os.path.abspath(run_dir), CHECKPOINTS)
     n = next(_RUN_COUNT)
     self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2, name=f"run{n}-latest")
     self.best = _manager(os.path.join(root, "best"), max_to_keep=1, name=f"run{n}-best")
