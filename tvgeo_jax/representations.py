@@ -227,8 +227,9 @@ def _similarities(reps, out_dir: str, measures: Sequence[str], n: int) -> Dict[s
   width = max(int(np.shape(v)[-1]) for v in reps.values())
   # CCA of two d-dimensional representations of n <= 2d examples finds correlations of 1
   # whatever the models are (their column spaces must intersect); say so where it shows.
-  caveat = (f"n={n} <= 2 x {width} features: canonical correlations are 1 by construction"
-            if n <= 2 * width else None)
+  caveat = (f"n={n} <= 2 x {width} features: CCA over all features gives correlations of 1 "
+            "whatever the models (PWCCA); SVCCA's kept directions saturate less; use "
+            f"n > {2 * width}" if n <= 2 * width else None)
   doc: Dict[str, Any] = {"num_examples": n, "models": list(reps), "warning": caveat,
                          "measures": {}}
   diagonals = {}
