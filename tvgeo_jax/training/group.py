@@ -47,7 +47,7 @@ from tvgeo_jax import io_utils, partition, runs, trees
 from tvgeo_jax.models import apply as model_apply
 from tvgeo_jax.training import checkpoint as ckpt_lib
 from tvgeo_jax.training import loop, metric_writers, methods, optim, run_dir as run_dir_lib
-from tvgeo_jax.training import step as step_lib
+from tvgeo_jax.training import sharding, step as step_lib
 from tvgeo_jax.training.config import TrainConfig
 from tvgeo_jax.training.early_stopping import EarlyStopping
 
@@ -80,10 +80,6 @@ def _stacked(mesh: Mesh) -> NamedSharding:
 
 def _batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(TASK_AXIS, DATA_AXIS))
-
-
-def _replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
 
 
 # --- trees of different heads --------------------------------------------------------
@@ -158,7 +154,7 @@ def make_group_train_step(*, model_config, schedules: Sequence[optax.Schedule],
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   vmapped = jax.vmap(member_step, in_axes=(0, None, 0, 0))
-  stacked, rep, data = _stacked(mesh), _replicated(mesh), _batch_sharding(mesh)
+  stacked, rep, data = _stacked(mesh), sharding.replicated(mesh), _batch_sharding(mesh)
   return jax.jit(vmapped, in_shardings=(stacked, rep, data, stacked),
                  out_shardings=(stacked, stacked), donate_argnums=(0,))
 
@@ -175,7 +171,7 @@ def make_group_eval_step(*, model_config, mesh: Mesh, is_regression: bool, dtype
     return {"logits": logits,
             "loss": step_lib.per_example_loss(scored, batch["labels"], is_regression)}
 
-  stacked, rep, data = _stacked(mesh), _replicated(mesh), _batch_sharding(mesh)
+  stacked, rep, data = _stacked(mesh), sharding.replicated(mesh), _batch_sharding(mesh)
   return jax.jit(jax.vmap(member_eval, in_axes=(0, None, 0, 0)),
                  in_shardings=(stacked, rep, data, stacked), out_shardings=data)
 
@@ -203,8 +199,7 @@ def _pad_length(batch: Mapping[str, np.ndarray], length: int) -> dict:
 def stack_batches(batches: Sequence[Mapping[str, np.ndarray]], data_shards: int) -> dict:
   """``[T, B, L]`` arrays: rows padded to a multiple of the data shards, tokens to the
   longest member's length."""
-  from tvgeo_jax.training.sharding import pad_rows
-  batches = [pad_rows(b, data_shards) for b in batches]
+  batches = [sharding.pad_rows(b, data_shards) for b in batches]
   length = max(b["input_ids"].shape[1] for b in batches)
   batches = [_pad_length(b, length) for b in batches]
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
@@ -219,6 +214,9 @@ class _Member:
   data: loop.TrainingData
   model_config: Any
   trainable: Any          # the member's own (unpadded) step-0 trainable tree
+  frozen: Any             # after the set-up check, the one frozen tree all members share
+  base: Any               # the pretrained tree (its fingerprint goes into results.json)
+  parameter_counts: Any   # (trainable, total)
   guard: Any
   best: ckpt_lib.RunCheckpoints
   stopper: EarlyStopping = None
@@ -328,13 +326,11 @@ class _GroupTrainer:
       guard = loop._RunDirectoryGuard(run_dir, overwrite)
       params = methods.prepare_params(base, model_config, config)
       trainable, frozen = partition.split(params, config.method)
-      self.members.append(_Member(config=config, run_dir=run_dir, data=data,
-                                  model_config=model_config, trainable=trainable, guard=guard,
-                                  best=ckpt_lib.RunCheckpoints(run_dir),
-                                  stopper=EarlyStopping(patience=config.patience)))
-      self.members[-1].frozen = frozen
-      self.members[-1].base = base
-      self.members[-1].parameter_counts = partition.count_parameters(params, config.method)
+      self.members.append(_Member(
+          config=config, run_dir=run_dir, data=data, model_config=model_config,
+          trainable=trainable, frozen=frozen, base=base,
+          parameter_counts=partition.count_parameters(params, config.method), guard=guard,
+          best=ckpt_lib.RunCheckpoints(run_dir), stopper=EarlyStopping(patience=config.patience)))
     self._check_same_frozen()
     self._check_memory(max_concurrent)
     self._set_up(mesh)
@@ -350,6 +346,7 @@ class _GroupTrainer:
             f"Tasks {first.config.task!r} and {m.config.task!r} have different frozen "
             f"weights (different base models or, for random bases, seeds); they cannot "
             "share a step. Train them in separate groups.")
+      m.frozen = first.frozen  # equal: keep one copy
     if any(m.data.is_regression != first.data.is_regression for m in self.members):
       names = [m.config.task for m in self.members]
       raise ValueError(f"Regression and classification tasks cannot share a step ({names}); "
@@ -389,7 +386,7 @@ class _GroupTrainer:
     init_opt = optim.make_optimizer(padded[0], **self.optimizer_kwargs)
     state = _stack([step_lib.init_state(p, init_opt) for p in padded])
     self.state = jax.device_put(state, _stacked(self.mesh))
-    self.frozen = jax.device_put(ms[0].frozen, _replicated(self.mesh))
+    self.frozen = jax.device_put(ms[0].frozen, sharding.replicated(self.mesh))
     cw = None
     if c0.class_weights and not self.is_regression:
       cw = np.zeros((len(ms), widest), np.float32)
@@ -410,7 +407,6 @@ class _GroupTrainer:
         is_regression=self.is_regression, dtype=dtype)
     self.eval_step = make_group_eval_step(model_config=self.model_config, mesh=self.mesh,
                                           is_regression=self.is_regression, dtype=dtype)
-    self.max_batches = max(m.num_batches for m in ms)
     self.epoch, self.position = 0, 0
     self.group_steps = 0
     self.host_steps = np.zeros(len(ms), np.int64)  # each member's own step count
@@ -628,31 +624,20 @@ class _GroupTrainer:
 
   def _write_member(self, t: int, m: _Member, best_trainable, best_meta,
                     results_by_split) -> None:
-    n_trainable, n_total = m.parameter_counts
-    c = m.config
-    m.results = {
-        "task": c.task, "method": c.method, "base_model": c.model,
-        "base_model_path": runs.resolve_base_path(c.model),
-        "config": c.to_dict(), "resumed_with": [],
-        "model_config": m.model_config.to_hf_dict(),
-        "metrics": results_by_split, "main_metric": m.data.main_metric,
-        "best_epoch": int(best_meta["epoch"]), "epochs_trained": len(m.history),
-        "stopped_early": bool(m.stopper.stop), "steps": int(self.host_steps[t]),
-        "wall_time_s": m.elapsed_before + time.time() - self.t_start,
-        "parameters": {"trainable": n_trainable, "total": n_total,
-                       "trainable_share": n_trainable / max(n_total, 1)},
-        "devices": {**loop._devices_info(self.mesh), "group": [x.config.task
-                                                               for x in self.members]},
-        "history": m.history,
-    }
-    full = partition.combine(best_trainable, m.frozen)
-    runs.write_outputs(m.run_dir, jax.tree.map(np.asarray, full), m.model_config, c.method,
-                       m.results, base_model=runs.resolve_base_path(c.model) or c.model,
-                       base_params=m.base)
+    m.results = loop.write_run(
+        m.run_dir, m.config, m.model_config, m.data,
+        partition.combine(best_trainable, self.frozen), m.base, metrics=results_by_split,
+        best_epoch=int(best_meta["epoch"]), history=m.history,
+        stopped_early=bool(m.stopper.stop), steps=int(self.host_steps[t]),
+        wall_time_s=m.elapsed_before + time.time() - self.t_start,
+        parameter_counts=m.parameter_counts,
+        devices={**loop._devices_info(self.mesh),
+                 "group": [x.config.task for x in self.members]},
+        resumed_with=[])
     m.best.close()
     m.writer.close()
     m.finished = True
-    logging.info("%s finished: best epoch %d of %d.", c.task, int(best_meta["epoch"]) + 1,
+    logging.info("%s finished: best epoch %d of %d.", m.config.task, int(best_meta["epoch"]) + 1,
                  len(m.history))
 
   def close(self) -> None:

@@ -472,25 +472,39 @@ class _Trainer:
     for split in ("validation", "test"):
       pred = predict(s.eval_step, best_params, s.data.eval_batches(split), s.mesh)
       results_by_split[split] = split_metrics(pred, s.data, s.class_weights)
-    n_trainable, n_total = s.parameter_counts
-    results = {
-        "task": config.task, "method": config.method, "base_model": config.model,
-        "base_model_path": runs.resolve_base_path(config.model),
-        "config": config.to_dict(), "resumed_with": s.resume_record,
-        "model_config": s.model_config.to_hf_dict(),
-        "metrics": results_by_split, "main_metric": s.data.main_metric,
-        "best_epoch": int(best_meta["epoch"]), "epochs_trained": len(self.history),
-        "stopped_early": bool(self.stopper.stop), "steps": int(self.state["step"]),
-        "wall_time_s": self.elapsed_before + time.time() - self.t_start,
-        "parameters": {"trainable": n_trainable, "total": n_total,
-                       "trainable_share": n_trainable / max(n_total, 1)},
-        "devices": _devices_info(s.mesh), "history": self.history,
-    }
-    runs.write_outputs(s.run_dir, jax.tree.map(np.asarray, best_params), s.model_config,
-                       config.method, results,
-                       base_model=runs.resolve_base_path(config.model) or config.model,
-                       base_params=s.base)
-    return results
+    return write_run(s.run_dir, config, s.model_config, s.data, best_params, s.base,
+                     metrics=results_by_split, best_epoch=int(best_meta["epoch"]),
+                     history=self.history, stopped_early=bool(self.stopper.stop),
+                     steps=int(self.state["step"]),
+                     wall_time_s=self.elapsed_before + time.time() - self.t_start,
+                     parameter_counts=s.parameter_counts, devices=_devices_info(s.mesh),
+                     resumed_with=s.resume_record)
+
+
+def write_run(run_dir: str, config: TrainConfig, model_config, data: TrainingData, params,
+              base, *, metrics: Mapping[str, Any], best_epoch: int, history: list,
+              stopped_early: bool, steps: int, wall_time_s: float,
+              parameter_counts: Tuple[int, int], devices: Mapping[str, Any],
+              resumed_with: list) -> Dict[str, Any]:
+  """A finished run's results.json record and outputs (params/, hf/, adapter/), written
+  by a single run and by each member of a concurrent group; returns the record."""
+  n_trainable, n_total = parameter_counts
+  results = {
+      "task": config.task, "method": config.method, "base_model": config.model,
+      "base_model_path": runs.resolve_base_path(config.model),
+      "config": config.to_dict(), "resumed_with": resumed_with,
+      "model_config": model_config.to_hf_dict(),
+      "metrics": dict(metrics), "main_metric": data.main_metric,
+      "best_epoch": best_epoch, "epochs_trained": len(history),
+      "stopped_early": stopped_early, "steps": steps, "wall_time_s": wall_time_s,
+      "parameters": {"trainable": n_trainable, "total": n_total,
+                     "trainable_share": n_trainable / max(n_total, 1)},
+      "devices": dict(devices), "history": history,
+  }
+  runs.write_outputs(run_dir, jax.tree.map(np.asarray, params), model_config, config.method,
+                     results, base_model=runs.resolve_base_path(config.model) or config.model,
+                     base_params=base)
+  return results
 
 
 def _train(config: TrainConfig, run_dir: str, data: TrainingData, model_config, base, mesh,
