@@ -51,7 +51,7 @@ from tvgeo_jax.training import sharding, step as step_lib
 from tvgeo_jax.training.config import TrainConfig
 from tvgeo_jax.training.early_stopping import EarlyStopping
 
-TASK_AXIS, DATA_AXIS = "tasks", "data"
+TASK_AXIS, DATA_AXIS = "tasks", sharding.DATA_AXIS
 # Fields every member of a group must share: they shape the compiled step or the data.
 SHARED_FIELDS = ("method", "model", "batch_size", "eval_batch_size", "max_seq_len", "dtype",
                  "dropout", "weight_decay", "max_grad_norm", "adam_b1", "adam_b2", "adam_eps",
@@ -295,8 +295,8 @@ def finetune_group(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
     return results
   group_dir = os.path.abspath(group_dir or default_group_dir([run_dirs[i] for i in todo],
                                                              configs[0].method))
-  datas = [data[i] if data is not None else loop._load_data(configs[i]) for i in todo]
-  bases = [loop._load_base(configs[i], d) for i, d in zip(todo, datas)]
+  datas = [data[i] if data is not None else loop.load_data(configs[i]) for i in todo]
+  bases = [loop.load_base(configs[i], d) for i, d in zip(todo, datas)]
   trainer = _GroupTrainer([configs[i] for i in todo], [run_dirs[i] for i in todo], datas,
                           bases, group_dir, overwrite, mesh, max_concurrent)
   try:
@@ -323,7 +323,7 @@ class _GroupTrainer:
     self._lock.acquire()
     self.members: List[_Member] = []
     for config, run_dir, data, (model_config, base) in zip(configs, run_dirs, datas, bases):
-      guard = loop._RunDirectoryGuard(run_dir, overwrite)
+      guard = loop.RunDirectoryGuard(run_dir, overwrite)
       params = methods.prepare_params(base, model_config, config)
       trainable, frozen = partition.split(params, config.method)
       self.members.append(_Member(
@@ -418,7 +418,7 @@ class _GroupTrainer:
     restored = self.ckpts.restore_latest(self.state)
     if restored is None:
       for m in self.members:
-        loop._write_run_config(m.run_dir, m.config, [])
+        loop.write_run_config(m.run_dir, m.config, [])
       return None
     self.state, meta = restored
     saved = [x["task"] for x in meta["members"]]
@@ -631,7 +631,7 @@ class _GroupTrainer:
         stopped_early=bool(m.stopper.stop), steps=int(self.host_steps[t]),
         wall_time_s=m.elapsed_before + time.time() - self.t_start,
         parameter_counts=m.parameter_counts,
-        devices={**loop._devices_info(self.mesh),
+        devices={**loop.devices_info(self.mesh),
                  "group": [x.config.task for x in self.members]},
         resumed_with=[])
     m.best.close()

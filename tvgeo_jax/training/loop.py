@@ -137,11 +137,11 @@ def _start_or_resume(run_dir: str, config: TrainConfig, has_checkpoint: bool,
   if saved is not None:
     logging.info("%s never reached a checkpoint; starting afresh with this configuration.",
                  run_dir)
-  _write_run_config(run_dir, config, [])
+  write_run_config(run_dir, config, [])
   return False, config, []
 
 
-def _write_run_config(run_dir: str, config: TrainConfig, resume_record: list) -> None:
+def write_run_config(run_dir: str, config: TrainConfig, resume_record: list) -> None:
   if jax.process_index() == 0:
     d = config.to_dict()
     if resume_record:
@@ -166,13 +166,14 @@ def _non_finite_message(loss: float, gnorm: float, at_step: int, epoch: int, run
           "the data.")
 
 
-def _devices_info(mesh) -> Dict[str, Any]:
+def devices_info(mesh) -> Dict[str, Any]:
   d = mesh.devices.flat[0]
   return {"count": int(mesh.devices.size), "platform": d.platform,
           "kind": getattr(d, "device_kind", d.platform), "processes": jax.process_count()}
 
 
-def _load_data(config: TrainConfig) -> TrainingData:
+def load_data(config: TrainConfig) -> TrainingData:
+  """``config.task`` tokenised and batched for ``config.model`` (a bad task name fails here)."""
   from tvgeo_jax.training import data_source
   return data_source.task_data(config)
 
@@ -202,9 +203,9 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
     logging.info("%s is a finished run; skipping (pass --overwrite to redo it).", run_dir)
     return results
   # Everything that can fail on a bad task, model or data name fails before run_dir is touched.
-  data = data if data is not None else _load_data(config)
-  model_config, base = _load_base(config, data)
-  guard = _RunDirectoryGuard(run_dir, overwrite)
+  data = data if data is not None else load_data(config)
+  model_config, base = load_base(config, data)
+  guard = RunDirectoryGuard(run_dir, overwrite)
   ckpts = None
   try:
     ckpts = ckpt_lib.RunCheckpoints(run_dir)
@@ -219,7 +220,8 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
     guard.release()
 
 
-def _load_base(config: TrainConfig, data: TrainingData):
+def load_base(config: TrainConfig, data: TrainingData):
+  """(model config, pretrained tree) with the task's head and ``config.dropout`` applied."""
   from tvgeo_jax.models import load_pretrained
   model_config, base = load_pretrained(config.model, num_labels=data.num_labels,
                                        label_names=tuple(data.label_names) or None,
@@ -230,7 +232,7 @@ def _load_base(config: TrainConfig, data: TrainingData):
   return model_config, base
 
 
-class _RunDirectoryGuard:
+class RunDirectoryGuard:
   """The run directory's lock and a pending ``--overwrite`` (process 0 does the file work)."""
 
   def __init__(self, run_dir: str, overwrite: bool):
@@ -323,7 +325,7 @@ class _Trainer:
   and the phases that advance them: restore, one epoch, validate and checkpoint, finish."""
 
   def __init__(self, setup: _Setup, state, ckpts: ckpt_lib.RunCheckpoints,
-               guard: _RunDirectoryGuard):
+               guard: RunDirectoryGuard):
     self.s, self.state, self.ckpts, self.guard = setup, state, ckpts, guard
     self.epoch, self.position = 0, 0
     self.stopper = EarlyStopping(patience=setup.config.patience)
@@ -354,7 +356,7 @@ class _Trainer:
     if record and record[-1]["from_step"] is None:
       record[-1]["from_step"] = step
       logging.warning("Resuming with %s from step %d.", record[-1]["changes"], step)
-    _write_run_config(self.s.run_dir, self.s.config, record)
+    write_run_config(self.s.run_dir, self.s.config, record)
     return step
 
   def start_reporting(self, resumed_step: Optional[int]) -> None:
@@ -477,7 +479,7 @@ class _Trainer:
                      history=self.history, stopped_early=bool(self.stopper.stop),
                      steps=int(self.state["step"]),
                      wall_time_s=self.elapsed_before + time.time() - self.t_start,
-                     parameter_counts=s.parameter_counts, devices=_devices_info(s.mesh),
+                     parameter_counts=s.parameter_counts, devices=devices_info(s.mesh),
                      resumed_with=s.resume_record)
 
 
@@ -508,7 +510,7 @@ def write_run(run_dir: str, config: TrainConfig, model_config, data: TrainingDat
 
 
 def _train(config: TrainConfig, run_dir: str, data: TrainingData, model_config, base, mesh,
-           resume_with: Mapping[str, Any], guard: _RunDirectoryGuard,
+           resume_with: Mapping[str, Any], guard: RunDirectoryGuard,
            ckpts: ckpt_lib.RunCheckpoints) -> Dict[str, Any]:
   setup, state, resuming = _set_up(config, run_dir, data, model_config, base, mesh,
                                    resume_with, bool(ckpts.latest.all_steps()))
