@@ -11,7 +11,7 @@ import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
 from tvgeo_jax import runs
-from tvgeo_jax.training import compile_cache, loop, metric_writers, presets
+from tvgeo_jax.training import compile_cache, loop, metric_writers
 
 import test_training_fixtures as fx
 
@@ -20,16 +20,9 @@ def setUpModule():
   compile_cache.enable(os.path.join(tempfile.gettempdir(), "tvgeo_jax_test_xla_cache"))
 
 
-def _config(**kw):
-  # 64 examples / batch 16 = 4 steps per epoch, 2 epochs; checkpoints every 2 steps.
-  base = dict(epochs=2, batch_size=16, checkpoint_every=2, log_every=1, progress=False,
-              learning_rate=1e-3, max_seq_len=16, dropout=0.0)
-  base.update(kw)
-  return presets.resolve("topic", "full", "tiny-random", overrides=base)
+_config = fx.small_run_config
+_data = fx.small_topic_task
 
-
-def _data():
-  return fx.topic_task(n_train=64, n_eval=32, batch_size=16, seq_len=16)
 
 
 def _jsonl(run_dir):

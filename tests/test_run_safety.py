@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from tvgeo_jax import io_utils, runs
-from tvgeo_jax.training import compile_cache, loop, presets, run_dir as run_dir_lib
+from tvgeo_jax.training import compile_cache, loop, run_dir as run_dir_lib
 from tvgeo_jax.training.checkpoint import RunCheckpoints
 
 import test_training_fixtures as fx
@@ -27,16 +27,9 @@ def setUpModule():
   compile_cache.enable(os.path.join(tempfile.gettempdir(), "tvgeo_jax_test_xla_cache"))
 
 
-def _config(task="topic", method="full", **kw):
-  # 64 examples / batch 16 = 4 steps per epoch; checkpoints at steps 2, 4, 6, 8.
-  base = dict(epochs=2, batch_size=16, checkpoint_every=2, log_every=1, progress=False,
-              learning_rate=1e-3, max_seq_len=16, dropout=0.0)
-  base.update(kw)
-  return presets.resolve(task, method, "tiny-random", overrides=base)
+_config = fx.small_run_config
+_data = fx.small_topic_task
 
-
-def _data():
-  return fx.topic_task(n_train=64, n_eval=32, batch_size=16, seq_len=16)
 
 
 def _final_params(run_dir):
