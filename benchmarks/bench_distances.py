@@ -38,7 +38,7 @@ from absl import app, flags
 from tvgeo_jax.geometry import grid as grid_lib
 from tvgeo_jax.geometry import linalg
 from tvgeo_jax.geometry import plan as plan_lib
-from tvgeo_jax.training import sharding
+from tvgeo_jax.core import sharding
 
 SCALES = {
     # name: (T tasks, L layers, d = out = in, r, modules)

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from benchmarks.timing import best_time
-from tvgeo_jax import evaluation, lora, merging
+from tvgeo_jax import evaluation, merging
+from tvgeo_jax.adapters import lora
 from tvgeo_jax.models.config import tiny_config
 from tvgeo_jax.models.hf_io import init_params
 from tvgeo_jax.training import loop

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import best_time
-from tvgeo_jax import merging, trees
+from tvgeo_jax import merging
+from tvgeo_jax.core import trees
 from tvgeo_jax.merging import sparsify
 
 FLAGS = flags.FLAGS

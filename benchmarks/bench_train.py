@@ -128,8 +128,9 @@ def xla_flops(compiled) -> float:
 
 def build_jax(cfg, method: str, params, batch, dtype, prng_impl: str):
   """(compile seconds, run(n) -> loss, XLA FLOPs per step): our jitted step."""
-  from tvgeo_jax import partition
-  from tvgeo_jax.training import optim, sharding, step as step_lib
+  from tvgeo_jax.adapters import partition
+  from tvgeo_jax.training import optim, step as step_lib
+  from tvgeo_jax.core import sharding
   trainable, frozen = partition.split(params, method)
   tx = optim.make_optimizer(trainable, learning_rate=1e-4, total_steps=1000,
                             warmup_ratio=0.06, weight_decay=0.01, max_grad_norm=1.0)

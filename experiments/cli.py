@@ -37,7 +37,7 @@ def _is_ours(path: str) -> bool:
 
 def is_expected(error: BaseException) -> bool:
   """An error a user can fix from its message (not a bug in this code)."""
-  from tvgeo_jax import hub
+  from tvgeo_jax.core import hub
   if isinstance(error, (OSError, hub.HubUnavailableError)):
     return True  # files, permissions, the network: the environment, not the code
   if isinstance(error, (ValueError, FloatingPointError)):

@@ -18,7 +18,7 @@ import re
 from absl import app, flags
 
 from experiments import cli, multihost
-from tvgeo_jax import partition
+from tvgeo_jax.adapters import partition
 from tvgeo_jax.training import presets
 
 FLAGS = flags.FLAGS

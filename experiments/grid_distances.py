@@ -29,7 +29,10 @@ from absl import app, flags, logging
 
 from experiments import cli, model_inputs
 
-from tvgeo_jax import geometry, lora, sources, task_vectors
+from tvgeo_jax import geometry
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.studies import sources
+from tvgeo_jax.vectors import task_vectors
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(model_inputs)  # --runs and friends in --helpshort

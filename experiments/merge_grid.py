@@ -9,7 +9,7 @@ r"""The merge/interference study on saved finetune runs (paper A Table 3, paper 
 Every ordered pair (i, j) is merged with task i's head and scored on task i's test
 split; δ, distances and Spearman tables (Table 3) go to OUT as JSON and Markdown,
 with scatter plots. Evaluations are cached in OUT/cache: a rerun skips them.
-See ``tvgeo_jax.merge_study`` for the files written.
+See ``tvgeo_jax.studies.merge_study`` for the files written.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from absl import app, flags
 
 from experiments import cli, model_inputs
 
-from tvgeo_jax import merge_study
+from tvgeo_jax.studies import merge_study
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(model_inputs)  # --runs and friends in --helpshort

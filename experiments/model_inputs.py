@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from absl import app, flags
 
-from tvgeo_jax import sources
+from tvgeo_jax.studies import sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("runs", None, "Finetune run (or peft adapter) directories, comma-separated; "

@@ -35,5 +35,5 @@ def initialize_if_requested() -> None:
       raise app.UsageError(f"--{', --'.join(given)} {verb} for --multihost runs; add "
                            "--multihost, or leave it out for a single-host run.")
     return
-  from tvgeo_jax.training import sharding
+  from tvgeo_jax.core import sharding
   sharding.initialize_multihost(**{name: FLAGS[name].value for name in _DETAILS})

@@ -31,7 +31,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.task:
     raise app.UsageError("--task is required (e.g. --task=synth_authorship).")
-  from tvgeo_jax import one_vs_rest
+  from tvgeo_jax.studies import one_vs_rest
   from tvgeo_jax.training import compile_cache
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)

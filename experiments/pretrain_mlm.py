@@ -16,7 +16,7 @@ from absl import flags, logging
 
 from experiments import cli
 
-from tvgeo_jax import embedded
+from tvgeo_jax.pretraining import embedded
 
 FLAGS = flags.FLAGS
 _DEFAULTS = embedded.PretrainConfig()

@@ -10,7 +10,7 @@ finished run (labelled by its method) on the same examples of ``--split``: CKA (
 column, UMAP of the first-token representations of ``--layers`` fitted on one model
 (``--fit_on``, default the bottleneck run) and transformed for the others, paired 2-D
 distances, and k-means cluster composition in the full representation space.
-Writes PNG figures and JSON numbers to ``--out`` (see tvgeo_jax.representations).
+Writes PNG figures and JSON numbers to ``--out`` (see tvgeo_jax.studies.representations).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.runs:
     raise app.UsageError("--runs is required: finished run directories, comma-separated.")
-  from tvgeo_jax import representations
+  from tvgeo_jax.studies import representations
   try:
     layers = [int(l) for l in FLAGS.layers] if FLAGS.layers else None
   except ValueError:

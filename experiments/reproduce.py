@@ -20,7 +20,7 @@ import time
 from absl import flags, logging
 
 from experiments import cli, multihost
-from tvgeo_jax import reproduce
+from tvgeo_jax.studies import reproduce
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "offline", list(reproduce.PRESETS), "Study preset.")

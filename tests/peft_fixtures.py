@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from tvgeo_jax import peft_io
+from tvgeo_jax.adapters import peft_io
 
 
 def plain_adapter(directory: str) -> None:

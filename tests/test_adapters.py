@@ -1,4 +1,4 @@
-"""Tests for tvgeo_jax.adapters: injection, near-identity init, frozen leaves, counts."""
+"""Tests for tvgeo_jax.adapters.bottleneck: injection, near-identity init, frozen leaves, counts."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,8 @@ import optax
 import scipy.stats
 from absl.testing import absltest, parameterized
 
-from tvgeo_jax import adapters, partition, trees
+from tvgeo_jax.adapters import bottleneck, partition
+from tvgeo_jax.core import trees
 from tvgeo_jax.models import apply, init_params, tiny_config
 
 
@@ -34,9 +35,9 @@ class AdaptersTest(parameterized.TestCase):
     return apply(params, self.batch, config=self.config, output_hidden_states=True)
 
   def test_zero_up_weights_give_exactly_the_base_model(self):
-    p = adapters.inject_bottleneck(self.params, self.config, size=8, seed=3)
+    p = bottleneck.inject_bottleneck(self.params, self.config, size=8, seed=3)
     for i in range(self.config.num_hidden_layers):
-      for name in adapters.ADAPTER_NAMES:
+      for name in bottleneck.ADAPTER_NAMES:
         up = p["encoder"][f"layer_{i}"][name]["up"]
         up["kernel"] = np.zeros_like(up["kernel"])
     base, injected = self._forward(self.params), self._forward(p)
@@ -45,7 +46,7 @@ class AdaptersTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.asarray(hi), np.asarray(hb))
 
   def test_init_is_near_identity(self):
-    p = adapters.inject_bottleneck(self.params, self.config, seed=0)  # m = 64 // 16 = 4
+    p = bottleneck.inject_bottleneck(self.params, self.config, seed=0)  # m = 64 // 16 = 4
     base, injected = self._forward(self.params), self._forward(p)
     diff = np.abs(np.asarray(injected["last_hidden_state"]) -
                   np.asarray(base["last_hidden_state"]))
@@ -53,15 +54,15 @@ class AdaptersTest(parameterized.TestCase):
     self.assertGreater(diff.max(), 0.0)  # the adapters are really applied
     self.assertLess(diff.max(), 1e-2)
     # A large init is not near-identity: the same bound fails.
-    far = adapters.inject_bottleneck(self.params, self.config, seed=0, init_std=1.0)
+    far = bottleneck.inject_bottleneck(self.params, self.config, seed=0, init_std=1.0)
     far_diff = np.abs(np.asarray(self._forward(far)["last_hidden_state"]) -
                       np.asarray(base["last_hidden_state"]))
     self.assertGreater(far_diff.max(), 1e-1)
 
   def test_init_distribution_is_truncated_normal_with_zero_biases(self):
     std = 0.05
-    p = adapters.inject_bottleneck(self.params, self.config, size=32, init_std=std)
-    flat = trees.flatten(adapters.adapter_params(p))
+    p = bottleneck.inject_bottleneck(self.params, self.config, size=32, init_std=std)
+    flat = trees.flatten(bottleneck.adapter_params(p))
     kernels = np.concatenate([v.ravel() for k, v in flat.items() if k[-1] == "kernel"])
     biases = np.concatenate([v.ravel() for k, v in flat.items() if k[-1] == "bias"])
     np.testing.assert_array_equal(biases, 0.0)
@@ -71,9 +72,9 @@ class AdaptersTest(parameterized.TestCase):
     self.assertAlmostEqual(kernels.mean() / std, 0.0, delta=0.03)
 
   def test_seed_determines_the_adapters(self):
-    a = adapters.adapter_params(adapters.inject_bottleneck(self.params, self.config, seed=5))
-    b = adapters.adapter_params(adapters.inject_bottleneck(self.params, self.config, seed=5))
-    c = adapters.adapter_params(adapters.inject_bottleneck(self.params, self.config, seed=6))
+    a = bottleneck.adapter_params(bottleneck.inject_bottleneck(self.params, self.config, seed=5))
+    b = bottleneck.adapter_params(bottleneck.inject_bottleneck(self.params, self.config, seed=5))
+    c = bottleneck.adapter_params(bottleneck.inject_bottleneck(self.params, self.config, seed=6))
     fa, fb, fc = trees.flatten(a), trees.flatten(b), trees.flatten(c)
     for k in fa:
       np.testing.assert_array_equal(fa[k], fb[k])
@@ -88,12 +89,12 @@ class AdaptersTest(parameterized.TestCase):
 
   @parameterized.parameters((None, 16, 4), (None, 8, 8), (5, 16, 5))
   def test_sizes_and_parameter_count(self, size, factor, m):
-    p = adapters.inject_bottleneck(self.params, self.config, size=size,
+    p = bottleneck.inject_bottleneck(self.params, self.config, size=size,
                                    reduction_factor=factor)
-    self.assertEqual(adapters.adapter_size(p), m)
+    self.assertEqual(bottleneck.adapter_size(p), m)
     h, layers = self.config.hidden_size, self.config.num_hidden_layers
     expected = 2 * layers * (2 * h * m + m + h)
-    self.assertEqual(adapters.count_adapter_parameters(p), expected)
+    self.assertEqual(bottleneck.count_adapter_parameters(p), expected)
     self.assertEqual(trees.count(p), trees.count(self.params) + expected)
     sub = p["encoder"]["layer_1"]["output_adapter"]
     self.assertEqual(sub["down"]["kernel"].shape, (h, m))
@@ -108,33 +109,33 @@ class AdaptersTest(parameterized.TestCase):
 
   def test_strip_restores_the_base_tree_and_input_is_untouched(self):
     before = trees.flatten(self.params)
-    p = adapters.inject_bottleneck(self.params, self.config)
-    self.assertTrue(adapters.has_adapters(p))
-    self.assertFalse(adapters.has_adapters(self.params))
+    p = bottleneck.inject_bottleneck(self.params, self.config)
+    self.assertTrue(bottleneck.has_adapters(p))
+    self.assertFalse(bottleneck.has_adapters(self.params))
     self.assertEqual(set(trees.flatten(self.params)), set(before))
-    stripped = trees.flatten(adapters.strip_adapters(p))
+    stripped = trees.flatten(bottleneck.strip_adapters(p))
     self.assertEqual(set(stripped), set(before))
     for k in before:
       self.assertIs(stripped[k], before[k])
 
   def test_bad_input(self):
-    p = adapters.inject_bottleneck(self.params, self.config)
+    p = bottleneck.inject_bottleneck(self.params, self.config)
     with self.assertRaisesRegex(ValueError, "already carries"):
-      adapters.inject_bottleneck(p, self.config)
+      bottleneck.inject_bottleneck(p, self.config)
     with self.assertRaisesRegex(ValueError, "positive"):
-      adapters.inject_bottleneck(self.params, self.config, size=0)
+      bottleneck.inject_bottleneck(self.params, self.config, size=0)
     with self.assertRaisesRegex(ValueError, "reduction_factor"):
-      adapters.inject_bottleneck(self.params, self.config, reduction_factor=128)
+      bottleneck.inject_bottleneck(self.params, self.config, reduction_factor=128)
     with self.assertRaisesRegex(ValueError, "num_hidden_layers"):
-      adapters.inject_bottleneck(self.params, self.config.replace(num_hidden_layers=3))
+      bottleneck.inject_bottleneck(self.params, self.config.replace(num_hidden_layers=3))
     with self.assertRaisesRegex(ValueError, "hidden size"):
-      adapters.inject_bottleneck(self.params, self.config.replace(
+      bottleneck.inject_bottleneck(self.params, self.config.replace(
           hidden_size=32, num_attention_heads=4))
     with self.assertRaisesRegex(ValueError, "no bottleneck adapters"):
-      adapters.adapter_size(self.params)
+      bottleneck.adapter_size(self.params)
 
   def test_optax_step_on_bottleneck_partition_keeps_frozen_leaves_bit_identical(self):
-    p = adapters.inject_bottleneck(self.params, self.config, seed=0)
+    p = bottleneck.inject_bottleneck(self.params, self.config, seed=0)
     trainable, frozen = partition.split(p, "bottleneck")
     frozen_before = jax.tree.map(np.array, frozen)
     trainable_before = trees.flatten(jax.tree.map(np.array, trainable))
@@ -170,7 +171,7 @@ class AdaptersTest(parameterized.TestCase):
     # The frozen split holds every base weight except norms and head, and no adapter.
     fk = set(trees.flatten(frozen_after))
     self.assertIn(("encoder", "layer_0", "query", "kernel"), fk)
-    self.assertFalse(any(adapters.is_adapter_path(k) for k in fk))
+    self.assertFalse(any(bottleneck.is_adapter_path(k) for k in fk))
     self.assertFalse(any(k[0] == "classifier" for k in fk))
 
 

@@ -5,7 +5,7 @@ import cka_reference
 import scipy.stats
 from absl.testing import absltest, parameterized
 
-from tvgeo_jax import adapters
+from tvgeo_jax.adapters import bottleneck
 from tvgeo_jax.analysis import cka
 from tvgeo_jax.models import apply, init_params, tiny_config
 
@@ -145,7 +145,7 @@ class LayerRepresentationsTest(absltest.TestCase):
 
   def test_first_and_mean_tokens_match_the_hidden_states(self):
     config = tiny_config()
-    params = adapters.inject_bottleneck(init_params(config, seed=0), config, init_std=0.1)
+    params = bottleneck.inject_bottleneck(init_params(config, seed=0), config, init_std=0.1)
     rng = np.random.RandomState(0)
     b, t = 4, 6
     ids = rng.randint(3, config.vocab_size, size=(b, t)).astype(np.int32)

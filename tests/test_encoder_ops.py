@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from tvgeo_jax import lora, partition
+from tvgeo_jax.adapters import lora, partition
 from tvgeo_jax.models import apply, encoder, init_params, tiny_config
 
 

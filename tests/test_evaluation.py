@@ -13,7 +13,9 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from tvgeo_jax import evaluation, runs, trees
+from tvgeo_jax import evaluation
+from tvgeo_jax.training import runs
+from tvgeo_jax.core import trees
 from tvgeo_jax.training import compile_cache, loop, presets
 
 

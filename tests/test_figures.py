@@ -1,4 +1,4 @@
-"""Tests of tvgeo_jax.figures and the geometry output writer (files, PCA, linkage)."""
+"""Tests of tvgeo_jax.core.figures and the geometry output writer (files, PCA, linkage)."""
 import json
 import os
 import tempfile
@@ -9,7 +9,7 @@ from scipy.cluster import hierarchy
 from scipy.spatial import distance as spdist
 from sklearn.decomposition import PCA
 
-from tvgeo_jax import figures
+from tvgeo_jax.core import figures
 from tvgeo_jax import geometry as geo
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tvgeo_jax import partition
+from tvgeo_jax.adapters import partition
 from tvgeo_jax.models import apply, init_params
 from tvgeo_jax.models.config import EncoderConfig, tiny_config
 from tvgeo_jax.training import flops, methods

@@ -15,7 +15,9 @@ from absl.testing import absltest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tvgeo_jax import data, hub, runs
+from tvgeo_jax import data
+from tvgeo_jax.core import hub
+from tvgeo_jax.training import runs
 from tvgeo_jax.data import hub_loading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

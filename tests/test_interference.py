@@ -5,7 +5,7 @@ from absl.testing import absltest
 import numpy as np
 import scipy.stats
 
-from tvgeo_jax import interference
+from tvgeo_jax.studies import interference
 
 
 def _scipy_loop(delta, dist):

@@ -11,7 +11,8 @@ import peft
 import torch
 import transformers
 
-from tvgeo_jax import lora, partition, trees
+from tvgeo_jax.adapters import lora, partition
+from tvgeo_jax.core import trees
 from tvgeo_jax.models import EncoderConfig, Encoder, apply, init_params, tiny_config
 
 warnings.filterwarnings("ignore", module="peft")

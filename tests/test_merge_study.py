@@ -17,7 +17,9 @@ from absl.testing import absltest
 import numpy as np
 import scipy.stats
 
-from tvgeo_jax import evaluation, io_utils, merge_study, merging, sources
+from tvgeo_jax import evaluation, merging
+from tvgeo_jax.core import io_utils
+from tvgeo_jax.studies import merge_study, sources
 from tvgeo_jax.training import compile_cache, loop, presets
 
 TASKS = ("synth_sst2", "synth_rte", "synth_mrpc")

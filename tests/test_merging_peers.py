@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from peft.utils import merge_utils
 
-from tvgeo_jax import lora, merge_study, merging, peft_io, trees
+from tvgeo_jax.adapters import lora, peft_io
+from tvgeo_jax.studies import merge_study
+from tvgeo_jax import merging
+from tvgeo_jax.core import trees
 from tvgeo_jax.models import Encoder, make_apply, save_pretrained, tiny_config
 
 import peft_fixtures

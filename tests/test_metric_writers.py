@@ -10,7 +10,7 @@ from absl.testing import absltest
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
-from tvgeo_jax import runs
+from tvgeo_jax.training import runs
 from tvgeo_jax.training import compile_cache, loop, metric_writers
 
 import test_training_fixtures as fx

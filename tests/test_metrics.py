@@ -1,4 +1,4 @@
-"""Tests for tvgeo_jax.metrics against scikit-learn / scipy computed independently here."""
+"""Tests for tvgeo_jax.core.metrics against scikit-learn / scipy computed independently here."""
 import json
 
 import numpy as np
@@ -6,7 +6,7 @@ import scipy.stats
 from absl.testing import absltest, parameterized
 from sklearn import metrics as skm
 
-from tvgeo_jax import metrics
+from tvgeo_jax.core import metrics
 
 
 def _logits(rng, labels, k, flip=0.3):

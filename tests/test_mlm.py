@@ -8,7 +8,8 @@ import numpy as np
 import transformers
 import torch
 
-from tvgeo_jax import embedded, mlm, models
+from tvgeo_jax.pretraining import embedded, mlm
+from tvgeo_jax import models
 
 
 class MaskingTest(absltest.TestCase):

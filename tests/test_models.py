@@ -146,7 +146,7 @@ class LogitsOnlyTest(parameterized.TestCase):
 
   @parameterized.parameters("roberta", "bert")
   def test_lora_gradients_match_the_all_token_forward(self, family):
-    from tvgeo_jax import lora, partition
+    from tvgeo_jax.adapters import lora, partition
     config = models.tiny_config(family, num_hidden_layers=3, num_labels=3)
     params = lora.inject_lora(models.init_params(config, seed=1), rank=4, alpha=8)
     params = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape)
@@ -236,7 +236,7 @@ class LoaderErrorTest(absltest.TestCase):
     """``tiny``/``embedded`` load the cached pretrained base; ``tiny-random`` and
     ``tiny-bert-random`` are random inits; other ``tiny-*`` names are errors."""
     from unittest import mock
-    from tvgeo_jax import embedded
+    from tvgeo_jax.pretraining import embedded
     with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TVGEO_CACHE": cache}):
       config, saved = models.load_pretrained("tiny-random", head="mlm", seed=7)
       models.save_pretrained(embedded.default_dir(), config, saved, head="mlm")

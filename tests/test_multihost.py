@@ -19,7 +19,8 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-from tvgeo_jax import runs, trees
+from tvgeo_jax.training import runs
+from tvgeo_jax.core import trees
 import test_finetune_cli as cli
 
 _COMMON = ("--task=synth_sst2", "--method=full", "--model=tiny-random", "--epochs=2",

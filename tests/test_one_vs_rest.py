@@ -13,7 +13,7 @@ from absl.testing import absltest
 import numpy as np
 from sklearn import metrics as skm
 
-from tvgeo_jax import one_vs_rest
+from tvgeo_jax.studies import one_vs_rest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(tempfile.gettempdir(), "tvgeo_jax_test_xla_cache")

@@ -13,7 +13,8 @@ import peft
 import torch
 import transformers
 
-from tvgeo_jax import lora, sources
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.studies import sources
 from tvgeo_jax.models import apply, init_params, save_pretrained, tiny_config
 
 warnings.filterwarnings("ignore")

@@ -11,7 +11,8 @@ import peft
 import torch
 import transformers
 
-from tvgeo_jax import lora, peft_io, trees
+from tvgeo_jax.adapters import lora, peft_io
+from tvgeo_jax.core import trees
 from tvgeo_jax.models import apply, init_params, load_pretrained, save_pretrained, tiny_config
 
 warnings.filterwarnings("ignore")

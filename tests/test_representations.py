@@ -19,7 +19,8 @@ import numpy as np
 
 import cka_reference
 
-from tvgeo_jax import representations, runs
+from tvgeo_jax.studies import representations
+from tvgeo_jax.training import runs
 from tvgeo_jax.models import load_pretrained
 from tvgeo_jax.training import methods, presets
 

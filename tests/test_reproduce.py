@@ -8,7 +8,9 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-from tvgeo_jax import io_utils, reproduce, runs
+from tvgeo_jax.core import io_utils
+from tvgeo_jax.studies import reproduce
+from tvgeo_jax.training import runs
 
 
 class SmokeReproductionTest(absltest.TestCase):

@@ -15,7 +15,8 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from tvgeo_jax import io_utils, runs
+from tvgeo_jax.core import io_utils
+from tvgeo_jax.training import runs
 from tvgeo_jax.training import compile_cache, loop, run_dir as run_dir_lib
 from tvgeo_jax.training.checkpoint import RunCheckpoints
 

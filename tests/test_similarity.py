@@ -134,7 +134,7 @@ class SimilarityTest(absltest.TestCase):
     import json
     import os
     import tempfile
-    from tvgeo_jax import representations
+    from tvgeo_jax.studies import representations
     x, _ = _layers(np.random.default_rng(3), n=64)
     y = (x + np.random.default_rng(4).standard_normal(x.shape)).astype(np.float32)
     out = tempfile.mkdtemp()

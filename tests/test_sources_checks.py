@@ -17,7 +17,11 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-from tvgeo_jax import fingerprint, io_utils, lora, runs, sources, trees
+from tvgeo_jax.models import fingerprint
+from tvgeo_jax.core import io_utils, trees
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.training import runs
+from tvgeo_jax.studies import sources
 from tvgeo_jax.data import load_tokenizer
 from tvgeo_jax.models import load_pretrained, save_pretrained
 from tvgeo_jax.training import compile_cache, loop, presets

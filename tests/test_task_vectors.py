@@ -2,7 +2,9 @@
 from absl.testing import absltest, parameterized
 import numpy as np
 
-from tvgeo_jax import lora, task_vectors as tv, trees
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.vectors import task_vectors as tv
+from tvgeo_jax.core import trees
 from tvgeo_jax.models import init_params, tiny_config
 
 _CFG = tiny_config("roberta", vocab_size=97, hidden_size=32, num_hidden_layers=3,

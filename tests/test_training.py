@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from tvgeo_jax import partition
+from tvgeo_jax.adapters import partition
 from tvgeo_jax.models import load_pretrained
-from tvgeo_jax.training import compile_cache, optim, presets, sharding
+from tvgeo_jax.training import compile_cache, optim, presets
+from tvgeo_jax.core import sharding
 from tvgeo_jax.training import step as step_lib
 from tvgeo_jax.training.config import TrainConfig, config_differences
 from tvgeo_jax.training.early_stopping import EarlyStopping

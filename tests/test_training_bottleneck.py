@@ -8,7 +8,9 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
-from tvgeo_jax import partition, runs, trees
+from tvgeo_jax.adapters import partition
+from tvgeo_jax.training import runs
+from tvgeo_jax.core import trees
 from tvgeo_jax.training import compile_cache
 
 import test_training_learns as learns

@@ -16,7 +16,9 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from tvgeo_jax import partition, runs, trees
+from tvgeo_jax.adapters import partition
+from tvgeo_jax.training import runs
+from tvgeo_jax.core import trees
 from tvgeo_jax.training import compile_cache, group, loop, presets
 
 import test_training_fixtures as fx

@@ -9,7 +9,9 @@ import tempfile
 from absl.testing import absltest, parameterized
 import numpy as np
 
-from tvgeo_jax import partition, runs, trees
+from tvgeo_jax.adapters import partition
+from tvgeo_jax.training import runs
+from tvgeo_jax.core import trees
 from tvgeo_jax.training import compile_cache, loop, presets
 
 import test_training_fixtures as fx

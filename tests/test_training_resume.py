@@ -10,7 +10,8 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from tvgeo_jax import runs, trees
+from tvgeo_jax.training import runs
+from tvgeo_jax.core import trees
 from tvgeo_jax.training import compile_cache, loop, presets
 from tvgeo_jax.training.checkpoint import RunCheckpoints
 

@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 from tvgeo_jax.models import apply as model_apply
 from tvgeo_jax.models.config import EncoderConfig
-from tvgeo_jax.training import loop, sharding, step as step_lib
+from tvgeo_jax.training import loop, step as step_lib
+from tvgeo_jax.core import sharding
 
 SPLITS = ("validation", "test")
 DEFAULT_CHUNK = 16

@@ -27,7 +27,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tvgeo_jax import io_utils
+from tvgeo_jax.core import io_utils
 
 
 def _as_points(x, name: str) -> np.ndarray:

@@ -22,7 +22,7 @@ from tvgeo_jax.data.pipeline import Batches, EncodedSplit, bucket_lengths, encod
 from tvgeo_jax.data.registry import (AUTHORSHIP_REFERENCE, AUTHORSHIP_WRITERS, PAPER_TASKS,
                                      SYNTH_PAPER_TASKS, TASKS, TaskSpec, get_task, list_tasks)
 from tvgeo_jax.data.tokenizer import MAX_LENGTH, VOCAB_SIZE, load_tokenizer
-from tvgeo_jax.hub import HubUnavailableError
+from tvgeo_jax.core.hub import HubUnavailableError
 
 SPLITS = ("train", "validation", "test")
 

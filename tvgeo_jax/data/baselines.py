@@ -42,13 +42,13 @@ def bag_of_words_baseline(task: str, seed: int = 0, scale: float = 1.0,
     c: inverse regularisation strength of the logistic regression.
 
   Returns:
-    ``tvgeo_jax.metrics.compute_metrics``'s dict for the test split (``main`` is the
+    ``tvgeo_jax.core.metrics.compute_metrics``'s dict for the test split (``main`` is the
     task's headline metric) plus ``train_main``, the same metric on the training split.
   """
   from sklearn.feature_extraction.text import CountVectorizer
   from sklearn.linear_model import LogisticRegression, Ridge
 
-  from tvgeo_jax import metrics
+  from tvgeo_jax.core import metrics
   from tvgeo_jax.data import get_task, load_task_data
   spec = get_task(task)
   if splits is None:

@@ -1,6 +1,6 @@
 """Real task data: the Hugging Face hub or a local copy in the hub's formats.
 
-One code path serves both: a hub task is fetched with ``tvgeo_jax.hub.snapshot`` (which
+One code path serves both: a hub task is fetched with ``tvgeo_jax.core.hub.snapshot`` (which
 fails fast offline) and then read from the snapshot's parquet files exactly like a
 ``--data_dir`` copy. Local copies may be
 
@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tvgeo_jax import hub
+from tvgeo_jax.core import hub
 from tvgeo_jax.data.registry import VALIDATION_FRACTION, TaskSpec
 
 Texts = List[Tuple[str, ...]]
@@ -171,7 +171,7 @@ def load_real_splits(task: TaskSpec, data_dir: Optional[str] = None, seed: int =
     revision: hub dataset revision (branch, tag or commit; None: the default branch).
 
   Raises:
-    tvgeo_jax.hub.HubUnavailableError: no ``data_dir`` and the hub is unreachable.
+    tvgeo_jax.core.hub.HubUnavailableError: no ``data_dir`` and the hub is unreachable.
     DataNotFoundError: the local copy lacks a split or a column.
   """
   if task.is_synthetic:

@@ -4,14 +4,14 @@ The offline ``tiny`` / ``embedded`` models use a byte-level BPE trained (with th
 ``tokenizers`` library) on the synthetic corpus, with RoBERTa's special tokens
 (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4) and RoBERTa's pair template
 ``<s> a </s></s> b </s>``. It is trained on first use, deterministically, and cached in
-the Hugging Face format under ``tvgeo_jax.paths.cache_dir()``, so
+the Hugging Face format under ``tvgeo_jax.core.paths.cache_dir()``, so
 ``transformers.AutoTokenizer.from_pretrained(synthetic_tokenizer_dir())`` loads it.
 """
 from __future__ import annotations
 
 import os
 
-from tvgeo_jax import hub, io_utils, paths
+from tvgeo_jax.core import hub, io_utils, paths
 from tvgeo_jax.data import synthetic
 
 VOCAB_SIZE = 2048  # the embedding size of the built-in tiny config; the BPE uses <= this
@@ -66,7 +66,7 @@ def load_tokenizer(model_name_or_dir: str):
     model_name_or_dir: a built-in model name (``tiny``, ``embedded``, ``tiny-random``,
       ``tiny-bert-random``: the synthetic BPE), a local
       directory with a Hugging Face tokenizer, or a hub id (through
-      ``tvgeo_jax.hub.snapshot``, so offline it fails fast with a clear message).
+      ``tvgeo_jax.core.hub.snapshot``, so offline it fails fast with a clear message).
   """
   from transformers import AutoTokenizer
   name = str(model_name_or_dir)

@@ -1,7 +1,7 @@
 """All task pairs x layers in one compiled call: ``T_d[T, T, L]`` per metric.
 
 Input stacks (BUILD_NOTES "Geometry convention"): LoRA ``(A [T, L, r, in],
-B [T, L, out, r])`` as returned by ``tvgeo_jax.task_vectors.stack_lora`` (scale
+B [T, L, out, r])`` as returned by ``tvgeo_jax.vectors.task_vectors.stack_lora`` (scale
 folded into B), optionally with nominal ranks ``[T, L]`` as a third item when
 adapters of different rank were zero-padded to a common ``r``
 (``sources.module_stacks``), or dense ``ΔW [T, L, out, in]`` (``stack_full``).
@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from tvgeo_jax.geometry import plan as plan_lib
 from tvgeo_jax.geometry import tiles as tiles_lib
-from tvgeo_jax.training import sharding
+from tvgeo_jax.core import sharding
 
 METRICS = ("l2", "cosine", "grassmann")
 FACTORS = ("product", "a", "b")

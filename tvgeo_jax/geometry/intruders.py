@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import lora, trees
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.core import trees
 from tvgeo_jax.geometry.linalg import einsum
 
 DEFAULT_K = 10

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 from tvgeo_jax.merging.ties import GRANULARITIES, check_density, keep_top_k
 
 DENOMINATORS = ("all", "overlap")

@@ -19,7 +19,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import lora, trees
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.core import trees
 from tvgeo_jax.merging import inputs
 from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path
 

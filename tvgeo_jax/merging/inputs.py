@@ -7,7 +7,7 @@ Conventions (see BUILD_NOTES.md):
   the head of one model (``head_from``), normally the task being scored.
 * LoRA trees (``lora_a``, ``lora_b``, ``lora_scale`` beside a frozen ``kernel``)
   are compared through their *effective* kernels ``W + scale·A·B``
-  (``tvgeo_jax.lora.delta_kernel``). Their task vector lives only on the
+  (``tvgeo_jax.adapters.lora.delta_kernel``). Their task vector lives only on the
   LoRA-carrying kernels; every other non-head leaf is frozen and must equal the
   base (checked: "different bases" error).
 * ``modules`` selects the merged leaves: ``None`` (every non-head leaf; for LoRA
@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import lora, partition, trees
+from tvgeo_jax.adapters import lora, partition
+from tvgeo_jax.core import trees
 
 Path = Tuple[str, ...]
 Modules = Union[None, str, Sequence[str], Callable[[Path], bool]]
@@ -159,7 +160,7 @@ def check_inputs(models, base: Optional[Mapping], what: str) -> List[Mapping]:
       raise ValueError(f"{what}: base must be a parameter tree, got {type(base).__name__}.")
     if lora.has_lora(base):
       raise ValueError(f"{what}: the base carries LoRA leaves; pass the pretrained tree "
-                       "(tvgeo_jax.lora.strip_lora(model) gives it).")
+                       "(tvgeo_jax.adapters.lora.strip_lora(model) gives it).")
   check_same_body(models, base, what)
   check_same_base(models, base, what)
   return models

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 from tvgeo_jax.merging import inputs
 from tvgeo_jax.merging.averaging import factor_modules
 from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path

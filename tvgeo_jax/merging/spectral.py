@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 from tvgeo_jax.merging import inputs, sparsify, task_vectors, ties
 from tvgeo_jax.merging.inputs import HeadFrom, Modules
 from tvgeo_jax.merging.task_vectors import TaskVectors

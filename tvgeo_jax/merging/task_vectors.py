@@ -14,7 +14,7 @@ from typing import List, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 from tvgeo_jax.merging import inputs
 from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 from tvgeo_jax.merging import inputs
 from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path
 from tvgeo_jax.merging.task_vectors import TaskVectors

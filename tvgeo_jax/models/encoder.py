@@ -15,9 +15,9 @@ Tree layout (Flax kernels are ``(in, out)``, i.e. the transpose of PyTorch's
 Parameter-tree transforms add leaves that this code picks up when present:
 
 * ``lora_a (in, r)``, ``lora_b (r, out)``, ``lora_scale ()`` next to a ``kernel``
-  (``tvgeo_jax.lora``): ``y = x·W + b + scale·(x·A)·B`` without forming W + ΔW.
+  (``tvgeo_jax.adapters.lora``): ``y = x·W + b + scale·(x·A)·B`` without forming W + ΔW.
 * ``attention_adapter`` / ``output_adapter`` sub-dicts of a layer
-  (``tvgeo_jax.adapters``): Houlsby bottleneck adapters.
+  (``tvgeo_jax.adapters.bottleneck``): Houlsby bottleneck adapters.
 """
 from __future__ import annotations
 

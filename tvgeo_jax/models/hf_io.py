@@ -15,7 +15,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import jax
 import numpy as np
 
-from tvgeo_jax import io_utils, trees
+from tvgeo_jax.core import io_utils, trees
 from tvgeo_jax.models.config import EncoderConfig, tiny_config
 from tvgeo_jax.models.encoder import Encoder
 
@@ -204,14 +204,14 @@ def resolve_model_dir(name_or_path: str) -> str:
     raise ValueError(f"{name_or_path!r} is a file; pass the directory holding config.json.")
   if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
     raise FileNotFoundError(f"No such model directory: {name_or_path!r}.")
-  from tvgeo_jax import hub
+  from tvgeo_jax.core import hub
   return hub.snapshot(name_or_path, kind="model",
                       allow_patterns=["config.json", "*.safetensors", "*.json", "*.txt",
                                       "merges.txt", "vocab.*", "pytorch_model.bin"])
 
 
 # Built-in models. ``tiny``/``embedded``: the tiny RoBERTa the project pretrains itself
-# (MLM on the synthetic corpus, built on first use and cached; ``tvgeo_jax.embedded``).
+# (MLM on the synthetic corpus, built on first use and cached; ``tvgeo_jax.pretraining.embedded``).
 # ``tiny-random``/``tiny-bert-random``: the same-sized architectures at random init, for
 # tests and smoke runs (LoRA cannot learn a compositional task on them: nothing to adapt).
 PRETRAINED_BUILTINS = ("tiny", "embedded")
@@ -233,7 +233,7 @@ def load_pretrained(name_or_path: str, head: str = "classification",
     config = _with_labels(config, num_labels, label_names)
     return config, init_params(config, head, seed)
   if name_or_path in PRETRAINED_BUILTINS:
-    from tvgeo_jax import embedded
+    from tvgeo_jax.pretraining import embedded
     name_or_path = embedded.ensure_embedded_base()
   elif name_or_path.startswith("tiny") and not os.path.isdir(name_or_path):
     raise ValueError(f"Unknown built-in model {name_or_path!r}; built-in models are "
@@ -281,10 +281,10 @@ def state_dict_from_params(params: dict, config: EncoderConfig,
 def save_pretrained(directory: str, config: EncoderConfig, params: dict,
                     head: str = "classification") -> None:
   """Write config.json + model.safetensors that ``transformers`` loads."""
-  from tvgeo_jax import lora
+  from tvgeo_jax.adapters import lora
   if lora.has_lora(params):
     raise ValueError("These params carry LoRA factors; fold them first with "
-                     "tvgeo_jax.lora.merge_lora(params) or save them with save_peft.")
+                     "tvgeo_jax.adapters.lora.merge_lora(params) or save them with save_peft.")
   from safetensors.numpy import save_file
   state = state_dict_from_params(params, config, head)
   with io_utils.atomic_directory(directory) as tmp:

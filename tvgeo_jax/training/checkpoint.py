@@ -146,8 +146,8 @@ def save_tree(directory: str, tree: Mapping) -> None:
   process and pairs the hosts' later checkpoint saves by that number, so a save by one
   host alone would leave the next run's saves waiting forever.
   """
-  from tvgeo_jax import io_utils
-  from tvgeo_jax.training.sharding import wait_for_all_processes
+  from tvgeo_jax.core import io_utils
+  from tvgeo_jax.core.sharding import wait_for_all_processes
   staging = os.path.abspath(directory).rstrip(os.sep) + ".saving"  # the same on every host
   if jax.process_index() == 0 and os.path.exists(staging):
     shutil.rmtree(staging)

@@ -23,5 +23,5 @@ def enable(directory: Optional[str]) -> Optional[str]:
 
 
 def default_directory() -> str:
-  from tvgeo_jax import paths
+  from tvgeo_jax.core import paths
   return os.path.join(paths.cache_dir(), "xla")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from tvgeo_jax import partition
+from tvgeo_jax.adapters import partition
 
 DTYPES = ("float32", "bfloat16")
 

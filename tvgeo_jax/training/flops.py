@@ -11,7 +11,8 @@ from typing import Mapping
 import jax
 import numpy as np
 
-from tvgeo_jax import partition, trees
+from tvgeo_jax.adapters import partition
+from tvgeo_jax.core import trees
 from tvgeo_jax.models.config import EncoderConfig
 
 _EMBEDDING_INPUT = ("query", "key", "value")  # layer 0's products of the embedding output

@@ -43,11 +43,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
-from tvgeo_jax import io_utils, partition, runs, trees
+from tvgeo_jax.core import io_utils, trees
+from tvgeo_jax.adapters import partition
+from tvgeo_jax.training import runs
 from tvgeo_jax.models import apply as model_apply
 from tvgeo_jax.training import checkpoint as ckpt_lib
 from tvgeo_jax.training import loop, metric_writers, methods, optim, run_dir as run_dir_lib
-from tvgeo_jax.training import sharding, step as step_lib
+from tvgeo_jax.core import sharding
+from tvgeo_jax.training import step as step_lib
 from tvgeo_jax.training.config import TrainConfig
 from tvgeo_jax.training.early_stopping import EarlyStopping
 

@@ -18,12 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import io_utils, partition, runs
+from tvgeo_jax.core import io_utils
+from tvgeo_jax.adapters import partition
+from tvgeo_jax.training import runs
 from tvgeo_jax.training import checkpoint as ckpt_lib
 from tvgeo_jax.training import hooks as hooks_lib
 from tvgeo_jax.training import metric_writers
 from tvgeo_jax.training import run_dir as run_dir_lib
-from tvgeo_jax.training import methods, optim, sharding, step as step_lib
+from tvgeo_jax.training import methods, optim, step as step_lib
+from tvgeo_jax.core import sharding
 from tvgeo_jax.training.config import TrainConfig, check_resume_changes, config_differences
 from tvgeo_jax.training.early_stopping import EarlyStopping
 
@@ -86,7 +89,7 @@ def mean_loss(pred: Mapping[str, np.ndarray], class_weights: Optional[np.ndarray
 
 def split_metrics(pred: Mapping[str, np.ndarray], data: TrainingData,
                   class_weights: Optional[np.ndarray]) -> Dict[str, Any]:
-  from tvgeo_jax import metrics as metrics_lib
+  from tvgeo_jax.core import metrics as metrics_lib
   logits = pred["logits"]
   values = logits[:, 0] if data.is_regression else logits
   res = metrics_lib.compute_metrics(list(data.metrics), values, pred["labels"],

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tvgeo_jax import io_utils
+from tvgeo_jax.core import io_utils
 
 TENSORBOARD_DIR = "tensorboard"
 

@@ -5,7 +5,7 @@ from typing import Mapping, Optional
 
 import optax
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 
 # Leaves that get no weight decay (as in BERT/RoBERTa recipes): biases and LayerNorm scales.
 NO_DECAY_LEAVES = ("bias", "scale", "lora_scale")

@@ -22,7 +22,7 @@ from typing import Optional
 
 from absl import logging
 
-from tvgeo_jax import runs
+from tvgeo_jax.training import runs
 
 LOCK = "run.lock"
 PREVIOUS_SUFFIX = ".previous"

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tvgeo_jax import partition
+from tvgeo_jax.adapters import partition
 from tvgeo_jax.models import apply as model_apply
 from tvgeo_jax.models.config import EncoderConfig
-from tvgeo_jax.training import sharding
+from tvgeo_jax.core import sharding
 
 TrainState = dict
 

@@ -12,7 +12,7 @@ Layout (see BUILD_NOTES.md, "Run directories")::
 
 ``results.json`` holds task, method, base model (name and resolved path), the
 config, metrics on validation and test, best epoch, wall time, parameter counts
-and devices; ``write_outputs`` adds ``base_fingerprint`` (``tvgeo_jax.fingerprint``:
+and devices; ``write_outputs`` adds ``base_fingerprint`` (``tvgeo_jax.models.fingerprint``:
 which base weights the run started from) and ``data_revision`` (the hub dataset's
 commit for hub tasks, else None).
 """
@@ -22,7 +22,7 @@ import dataclasses
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from tvgeo_jax import io_utils
+from tvgeo_jax.core import io_utils
 from tvgeo_jax.models.config import EncoderConfig
 from tvgeo_jax.training.checkpoint import CHECKPOINTS
 
@@ -56,7 +56,7 @@ def write_outputs(run_dir: str, params: Mapping, model_config: EncoderConfig,
   writes the files.
   """
   import jax
-  from tvgeo_jax import lora
+  from tvgeo_jax.adapters import lora
   from tvgeo_jax.models import save_pretrained
   from tvgeo_jax.training.checkpoint import save_tree
 
@@ -67,10 +67,10 @@ def write_outputs(run_dir: str, params: Mapping, model_config: EncoderConfig,
     save_pretrained(os.path.join(run_dir, HF), model_config, params)
   elif method == "lora":
     save_pretrained(os.path.join(run_dir, HF), model_config, lora.merge_lora(params))
-    from tvgeo_jax import peft_io
+    from tvgeo_jax.adapters import peft_io
     peft_io.save_peft(os.path.join(run_dir, ADAPTER), params, model_config,
                       base_model_name_or_path=base_model)
-  from tvgeo_jax import fingerprint
+  from tvgeo_jax.models import fingerprint
   if method != "lora" and base_params is None:
     base_params = load_base_params(results)
   results["base_fingerprint"] = fingerprint.base_fingerprint(
@@ -99,7 +99,7 @@ class Run:
     """(fingerprint of the run's base, recomputed?): from results.json, or computed
     now for runs written before fingerprints (LoRA: from the frozen leaves; other
     methods: from ``base_params``, else the base reloaded as results.json names it)."""
-    from tvgeo_jax import fingerprint
+    from tvgeo_jax.models import fingerprint
     stored = self.results.get("base_fingerprint")
     if stored:
       return stored, False

@@ -19,7 +19,7 @@ and the encoder computes ``x·W + b + scale·(x·A)·B`` without forming
 
 Training only the factors (plus the classification head, as peft's
 ``modules_to_save`` does for sequence classification) goes through
-``tvgeo_jax.partition`` with ``method="lora"``; ``lora_scale`` is never
+``tvgeo_jax.adapters.partition`` with ``method="lora"``; ``lora_scale`` is never
 trainable (not a float leaf the partition trains, and not counted).
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import partition, trees
+from tvgeo_jax.adapters import partition
+from tvgeo_jax.core import trees
 
 Path = Tuple[str, ...]
 Targets = Union[str, Sequence[str], Callable[[Path], bool]]

@@ -1,7 +1,7 @@
 """Masked-language-model objective (BERT/RoBERTa style) as pure functions.
 
 Used to pretrain the embedded base model on the synthetic corpus
-(``tvgeo_jax.embedded``). Masking follows BERT: of the ``mask_prob`` selected
+(``tvgeo_jax.pretraining.embedded``). Masking follows BERT: of the ``mask_prob`` selected
 positions, 80% become ``<mask>``, 10% a random token, 10% stay unchanged.
 """
 from __future__ import annotations

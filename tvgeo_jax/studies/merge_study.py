@@ -1,6 +1,6 @@
 """The merge/interference study on saved runs (paper A section 3.2 and Table 3; paper C).
 
-Inputs are finished fine-tuning runs (``tvgeo_jax.sources.load_sources``); nothing is
+Inputs are finished fine-tuning runs (``tvgeo_jax.studies.sources.load_sources``); nothing is
 retrained. Every score comes from ``tvgeo_jax.evaluation`` on the task's *test* split.
 
 Pairs (paper A):
@@ -44,7 +44,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tvgeo_jax import evaluation, interference, io_utils, lora, merging, runs, sources, trees
+from tvgeo_jax import evaluation, merging
+from tvgeo_jax.studies import interference, sources
+from tvgeo_jax.core import io_utils, trees
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.training import runs
 
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
@@ -361,7 +365,7 @@ def table3_markdown(tables: Mapping[str, Mapping[str, dict]], kplus: Sequence[in
 def scatter_plots(out_dir: str, grid: Mapping[str, Any],
                   columns: Mapping[str, Mapping[str, np.ndarray]]) -> List[str]:
   """δ(i, j) against each all-layer distance, one PNG per module (points coloured by i)."""
-  from tvgeo_jax import figures
+  from tvgeo_jax.core import figures
   delta = np.asarray(grid["delta"], np.float64)
   names = grid["task_names"]
   off = ~np.eye(len(names), dtype=bool)
@@ -489,7 +493,7 @@ def plt_colors(n: int) -> List[Any]:
 
 
 def _plot_paper_c(out_dir: str, conflicts, topk, multi) -> List[str]:
-  from tvgeo_jax import figures
+  from tvgeo_jax.core import figures
   paths = []
   if conflicts is not None:
     fig, (ax,) = figures.panels(1, "Sign conflicts vs number of task vectors")

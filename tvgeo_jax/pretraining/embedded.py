@@ -2,7 +2,7 @@
 
 It is the offline study's "pretrained model" W0: ``--model=embedded`` anywhere a model
 name is accepted. It is built on first use (``ensure_embedded_base``) and cached under
-``tvgeo_jax.paths.cache_dir()`` in the Hugging Face layout (config.json,
+``tvgeo_jax.core.paths.cache_dir()`` in the Hugging Face layout (config.json,
 model.safetensors with the MLM head, the synthetic tokenizer's files), so every later
 step treats it exactly like ``roberta-base``.
 
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tvgeo_jax import io_utils, mlm, paths
+from tvgeo_jax.core import io_utils, paths
+from tvgeo_jax.pretraining import mlm
 from tvgeo_jax.models import EncoderConfig, apply, init_params, save_pretrained
 
 CORPUS_SEED = 1000

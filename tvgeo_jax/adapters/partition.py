@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Mapping, Tuple
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 
 METHODS = ("full", "lora", "bottleneck")
 HEAD_MODULES = ("classifier", "pooler", "mlm_head")

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tvgeo_jax import io_utils
+from tvgeo_jax.core import io_utils
 
 THRESHOLD = 0.5
 APPROACHES = ("full", "lora", "binary_lora")
@@ -117,8 +117,9 @@ def training_data(splits: Mapping[str, tuple], config, label_names: Sequence[str
 def split_probabilities(run_dir: str, test_batches: Sequence[dict]) -> np.ndarray:
   """Softmax probabilities ``[n, K_run]`` of a finished run on the given batches."""
   import jax
-  from tvgeo_jax import runs
-  from tvgeo_jax.training import loop, sharding, step
+  from tvgeo_jax.training import runs
+  from tvgeo_jax.training import loop, step
+  from tvgeo_jax.core import sharding
   run = runs.load_run(run_dir)
   mesh = sharding.data_mesh()
   eval_step = step.make_eval_step(model_config=run.model_config, mesh=mesh,
@@ -132,8 +133,8 @@ def split_probabilities(run_dir: str, test_batches: Sequence[dict]) -> np.ndarra
 
 
 def score(predictions, labels, label_names: Sequence[str]) -> Dict[str, Any]:
-  """Per-class report, accuracy, macro F1 and confusion matrices (``tvgeo_jax.metrics``)."""
-  from tvgeo_jax import metrics
+  """Per-class report, accuracy, macro F1 and confusion matrices (``tvgeo_jax.core.metrics``)."""
+  from tvgeo_jax.core import metrics
   rep = metrics.classification_report_dict(np.asarray(predictions), np.asarray(labels),
                                            label_names=list(label_names))
   return {"per_class": {c: rep[c] for c in label_names}, "accuracy": rep["accuracy"],
@@ -145,7 +146,7 @@ def score(predictions, labels, label_names: Sequence[str]) -> Dict[str, Any]:
 def plot_confusions(results: Mapping[str, Mapping[str, Any]], label_names: Sequence[str],
                     path: str) -> None:
   """Row-normalised confusion matrices, one panel per approach (PNG)."""
-  from tvgeo_jax import figures
+  from tvgeo_jax.core import figures
   fig, axes = figures.panels(len(results), "Row-normalised confusion matrices (test)",
                              size=3.8)
   for ax, (name, res) in zip(axes, results.items()):

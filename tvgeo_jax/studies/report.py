@@ -2,7 +2,7 @@
 
 The report is built as a list of blocks (heading, paragraph, table, image, markdown)
 rendered twice, so the two files always say the same thing. Every "finding" line is
-computed from the saved results (``tvgeo_jax.findings``), never assumed.
+computed from the saved results (``tvgeo_jax.studies.findings``), never assumed.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from tvgeo_jax import findings, io_utils
+from tvgeo_jax.studies import findings
+from tvgeo_jax.core import io_utils
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption) | ("md", text)
 
@@ -115,7 +116,7 @@ def _yes(b: bool) -> str:
 
 
 def scores_section(pipe) -> List[Block]:
-  from tvgeo_jax import runs
+  from tvgeo_jax.training import runs
   p = pipe.preset
   rows = []
   for task in p.tasks:

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax import adapters, lora, trees
+from tvgeo_jax.adapters import bottleneck, lora
+from tvgeo_jax.core import trees
 
 Path = Tuple[str, ...]
 MODULES = ("query", "key", "value", "attention_output", "intermediate", "output")
@@ -57,7 +58,7 @@ def task_vector(finetuned: Mapping, base: Mapping, *, only_shared: bool = False)
   ft, b = trees.flatten(finetuned), trees.flatten(base)
   bad = [f"{trees.path_str(p)}: finetuned {np.shape(v)} vs base {np.shape(b[p])}"
          for p, v in ft.items() if p in b and np.shape(v) != np.shape(b[p])]
-  only_ft = [p for p in ft if p not in b and not adapters.is_adapter_path(p)]
+  only_ft = [p for p in ft if p not in b and not bottleneck.is_adapter_path(p)]
   only_base = [p for p in b if p not in ft]
   if bad:
     raise ValueError("Task vector of trees with different shapes (are both from the same "
@@ -71,7 +72,7 @@ def task_vector(finetuned: Mapping, base: Mapping, *, only_shared: bool = False)
   for p, v in ft.items():
     if p in b:
       out[p] = jnp.asarray(v, jnp.float32) - jnp.asarray(b[p], jnp.float32)
-    elif adapters.is_adapter_path(p):
+    elif bottleneck.is_adapter_path(p):
       out[p] = jnp.asarray(v, jnp.float32)
   if not out:
     raise ValueError("The two trees share no parameters; nothing to difference.")
@@ -80,10 +81,10 @@ def task_vector(finetuned: Mapping, base: Mapping, *, only_shared: bool = False)
 
 def adapter_weights(params: Mapping) -> dict:
   """The bottleneck-adapter leaves of a tree (their own task vector), same nesting."""
-  if not adapters.has_adapters(params):
+  if not bottleneck.has_adapters(params):
     raise ValueError("No bottleneck-adapter leaves (encoder/layer_i/*_adapter/...) in this "
-                     "tree; inject adapters with tvgeo_jax.adapters first.")
-  return adapters.adapter_params(params)
+                     "tree; inject adapters with tvgeo_jax.adapters.bottleneck first.")
+  return bottleneck.adapter_params(params)
 
 
 # --- per-layer access ---------------------------------------------------------
@@ -179,7 +180,7 @@ def _effective_kernel(params: Mapping, layer: int, module: Path):
 def _delta_stack(model: Model, module: str, layers: Optional[Sequence[int]], t: int):
   """``[L, out, in]`` task vectors of one model for ``module``."""
   path = _check_module(module)
-  adapter = adapters.is_adapter_path(path)
+  adapter = bottleneck.is_adapter_path(path)
   if isinstance(model, (tuple, list)):
     if len(model) != 2:
       raise ValueError(f"Model {t}: expected a (finetuned, base) pair, got {len(model)} items.")

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tvgeo_jax import io_utils
+from tvgeo_jax.core import io_utils
 from tvgeo_jax.analysis import cka as cka_lib
 from tvgeo_jax.analysis import similarity as sim_lib
 from tvgeo_jax.analysis import umap_analysis as ua
@@ -59,7 +59,7 @@ def load_models(run_dirs: Sequence[str], base: Optional[str] = None
   gets ``_2``, ``_3``... All runs must share the task and the base model (the examples
   are tokenised once, with that model's tokenizer).
   """
-  from tvgeo_jax import runs as runs_lib
+  from tvgeo_jax.training import runs as runs_lib
   if not run_dirs:
     raise ValueError("No run directory given; pass --runs=DIR[,DIR...] (finished runs of "
                      "experiments.finetune).")

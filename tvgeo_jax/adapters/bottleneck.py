@@ -10,7 +10,7 @@ encoder (``tvgeo_jax.models.encoder.Layer``) runs these when the layer's dict ho
   encoder/layer_i/{attention_adapter,output_adapter}/up/{kernel (m, hidden), bias (hidden)}
 
 so a base tree becomes an adapter model by adding leaves, and back by removing
-them. ``tvgeo_jax.partition`` method ``"bottleneck"`` trains the adapters, every
+them. ``tvgeo_jax.adapters.partition`` method ``"bottleneck"`` trains the adapters, every
 LayerNorm and the head, and freezes the rest. The adapter sub-tree
 (``adapter_params``) is an ordinary parameter tree that the task-vector tools can
 compare between tasks (adapters start from the same init for a given seed, so
@@ -23,7 +23,7 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
-from tvgeo_jax import trees
+from tvgeo_jax.core import trees
 from tvgeo_jax.models.config import EncoderConfig
 
 ADAPTER_NAMES = ("attention_adapter", "output_adapter")

@@ -3,7 +3,7 @@
 ``load_sources`` reads a list of directories — each either a run written by
 ``experiments.finetune`` (``results.json``) or a peft LoRA adapter
 (``adapter_config.json``, e.g. downloaded from the hub) — checks that they share one
-base (``tvgeo_jax.fingerprint``), and ``module_stacks`` turns them into the
+base (``tvgeo_jax.models.fingerprint``), and ``module_stacks`` turns them into the
 ``[tasks, layers, ...]`` stacks the geometry kernels take. ``load_pool`` reads a pool
 manifest (a text file of directories or hub adapter ids) and skips, with a warning,
 the models of another base.
@@ -23,7 +23,9 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from tvgeo_jax import fingerprint, lora, task_vectors
+from tvgeo_jax.models import fingerprint
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.vectors import task_vectors
 from tvgeo_jax.models import EncoderConfig
 
 
@@ -37,11 +39,11 @@ class Source:
   path: str
   base_model: str
   base_params: Optional[dict] = None
-  base_fingerprint: Optional[str] = None   # tvgeo_jax.fingerprint of the base (None: unknown)
+  base_fingerprint: Optional[str] = None   # tvgeo_jax.models.fingerprint of the base (None: unknown)
 
 
 def _is_run(path: str) -> bool:
-  from tvgeo_jax import runs
+  from tvgeo_jax.training import runs
   return os.path.exists(os.path.join(path, runs.RESULTS))
 
 
@@ -73,7 +75,8 @@ def load_source(path: str, base: Optional[str] = None, with_base: bool = True,
   base for an adapter that names a hub id, when offline). ``name`` labels the model
   (default: a run's task, an adapter's directory name).
   """
-  from tvgeo_jax import peft_io, runs
+  from tvgeo_jax.adapters import peft_io
+  from tvgeo_jax.training import runs
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path!r} is not a directory (expected a finetune run or a peft "
                             "adapter directory).")
@@ -213,7 +216,8 @@ def _entry_path(entry: str) -> Tuple[str, Optional[str]]:
   and labelled by its name (a local entry by load_source's default)."""
   if os.path.exists(entry) or not _HUB_ID.match(entry):
     return entry, None
-  from tvgeo_jax import hub, peft_io
+  from tvgeo_jax.core import hub
+  from tvgeo_jax.adapters import peft_io
   path = hub.snapshot(entry, kind="model",
                       allow_patterns=[peft_io.CONFIG_FILE, peft_io.WEIGHTS_FILE,
                                       peft_io.LEGACY_WEIGHTS_FILE],
@@ -222,7 +226,7 @@ def _entry_path(entry: str) -> Tuple[str, Optional[str]]:
 
 
 def _declared_base(path: str) -> Optional[str]:
-  from tvgeo_jax import peft_io
+  from tvgeo_jax.adapters import peft_io
   return peft_io.read_adapter_config(path).get("base_model_name_or_path") if (
       not _is_run(path) and _is_adapter(path)) else None
 
@@ -256,7 +260,7 @@ def load_pool(manifest: str, base: Optional[str] = None, with_base: bool = True,
   one that does not fit ``base`` at all (shapes, keys) is off it too. Skipped models
   are named in a warning; ``strict`` refuses the pool instead (ValueError).
   """
-  from tvgeo_jax import peft_io
+  from tvgeo_jax.adapters import peft_io
   cache: BaseCache = {}
   loaded: List[Tuple[str, Optional[Source], Optional[str]]] = []
   for entry in read_manifest(manifest):
@@ -296,7 +300,7 @@ def _lora_module_stack(params_list, module: str):
   to the largest rank (peft's ``rank_pattern`` and ``--lora_rank`` runs mix ranks; ``B A``,
   its column space and ``Im(B)`` are unchanged by the padding)."""
   import numpy as np
-  from tvgeo_jax import trees
+  from tvgeo_jax.core import trees
   from tvgeo_jax.geometry import pad_rank
   per_model = []
   for params in params_list:

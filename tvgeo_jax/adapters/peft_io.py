@@ -28,7 +28,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tvgeo_jax import io_utils, lora, trees
+from tvgeo_jax.core import io_utils, trees
+from tvgeo_jax.adapters import lora
 from tvgeo_jax.models import hf_io
 from tvgeo_jax.models.config import EncoderConfig
 

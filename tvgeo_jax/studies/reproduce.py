@@ -24,7 +24,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from tvgeo_jax import io_utils
+from tvgeo_jax.core import io_utils
 
 STATE_FILE = "pipeline_state.json"
 
@@ -133,7 +133,7 @@ class Pipeline:
     return [(m, [t for t, mm in jobs if mm == m]) for m in methods]
 
   def steps(self) -> List[Step]:
-    from tvgeo_jax import runs
+    from tvgeo_jax.training import runs
     p = self.preset
     steps = [Step("base", self._base, lambda: False, training=True)]
     for method, tasks in self.finetune_groups():
@@ -193,8 +193,8 @@ class Pipeline:
   def _base(self):
     if self.preset.model == "embedded":
       import jax
-      from tvgeo_jax import embedded
-      from tvgeo_jax.training.sharding import wait_for_all_processes
+      from tvgeo_jax.pretraining import embedded
+      from tvgeo_jax.core.sharding import wait_for_all_processes
       if jax.process_index() == 0:  # multi-host: one host builds, the others wait for it
         embedded.ensure_embedded_base()
       wait_for_all_processes("tvgeo_jax embedded base")
@@ -209,12 +209,13 @@ class Pipeline:
       group.finetune_many(configs, dirs, max_concurrent=self.preset.max_concurrent)
 
   def _sources(self, method: str, tasks: Optional[Sequence[str]] = None):
-    from tvgeo_jax import sources
+    from tvgeo_jax.studies import sources
     tasks = tasks or self.preset.tasks
     return sources.load_sources([self.run_dir(t, method) for t in tasks])
 
   def _distances(self, method: str):
-    from tvgeo_jax import geometry, sources
+    from tvgeo_jax import geometry
+    from tvgeo_jax.studies import sources
     srcs = self._sources(method)
     stacks = sources.module_stacks(srcs, ("query", "value"))
     lora_kind = method == "lora"
@@ -226,7 +227,7 @@ class Pipeline:
                                     kplus_figures=_kplus_for(srcs[0].config.num_hidden_layers))
 
   def _merge(self):
-    from tvgeo_jax import merge_study
+    from tvgeo_jax.studies import merge_study
     out = os.path.join(self.out, "merge")
     srcs = self._sources("lora")
     layers = srcs[0].config.num_hidden_layers
@@ -245,7 +246,7 @@ class Pipeline:
                                {"findings": merge_findings(res)})
 
   def _representations(self):
-    from tvgeo_jax import representations
+    from tvgeo_jax.studies import representations
     t = self.preset.repr_task
     out = os.path.join(self.out, "representations")
     res = representations.run_study([self.run_dir(t, m) for m in ("full", "lora", "bottleneck")],
@@ -255,7 +256,7 @@ class Pipeline:
                                {"findings": representation_findings(res)})
 
   def _one_vs_rest(self):
-    from tvgeo_jax import one_vs_rest
+    from tvgeo_jax.studies import one_vs_rest
     p = self.preset
     out = os.path.join(self.out, "one_vs_rest")
     overrides = dict(p.train_overrides.get("*", {}))
@@ -269,14 +270,14 @@ class Pipeline:
                                {"findings": one_vs_rest_findings(res)})
 
   def _report(self):
-    from tvgeo_jax import report
+    from tvgeo_jax.studies import report
     report.write_report(self)
 
 
 def merge_findings(res: Mapping[str, Any]) -> List[str]:
   """Paper A Table 3 and paper C, checked on the study's numbers."""
   import numpy as np
-  from tvgeo_jax import findings
+  from tvgeo_jax.studies import findings
   lines = []
   pairs = res.get("pairs", {})
   fa = pairs.get("lora_factor_average")
@@ -318,7 +319,7 @@ def merge_findings(res: Mapping[str, Any]) -> List[str]:
 def representation_findings(res: Mapping[str, Any]) -> List[str]:
   """Paper B: PLM-vs-FT similarity fades with depth; BN stays closer to the PLM early."""
   import numpy as np
-  from tvgeo_jax import findings
+  from tvgeo_jax.studies import findings
   lines = []
   diag = {pair: np.asarray(d, float) for pair, d in res.get("cka_diagonal", {}).items()}
   for pair, d in diag.items():
@@ -403,7 +404,7 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
                  "epochs": tc.epochs, "batch_size": tc.batch_size, "train_examples": n_train,
                  "tflops_upper_bound": round(flops / 1e12, 1)})
   groups = []
-  from tvgeo_jax import partition
+  from tvgeo_jax.adapters import partition
   from tvgeo_jax.training import group as group_lib
   for method, tasks in Pipeline(preset, "/dev/null").finetune_groups():
     tc = preset.train_config(tasks[0], method)

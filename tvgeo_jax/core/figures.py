@@ -20,7 +20,7 @@ from scipy.cluster import hierarchy  # noqa: E402
 from scipy.spatial import distance as spdist  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
-from tvgeo_jax import io_utils  # noqa: E402
+from tvgeo_jax.core import io_utils
 
 
 def _check_square(d: np.ndarray, labels: Sequence[str]) -> np.ndarray:

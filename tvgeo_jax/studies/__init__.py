@@ -1,0 +1,3 @@
+"""Layer 4: the paper's studies, built from the library below: model sources, distances,
+merge and interference, representations, one-vs-rest, the reproduction pipeline, its
+findings and the report."""
