@@ -23,8 +23,8 @@ from tvgeo_jax import evaluation, merging
 from tvgeo_jax.adapters import lora
 from tvgeo_jax.models.config import tiny_config
 from tvgeo_jax.models.hf_io import init_params
-from tvgeo_jax.training import loop
 from tvgeo_jax.training.config import TrainConfig
+from tvgeo_jax.evaluation.task_data import TaskData
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("k", 9, "Merged models per task.")
@@ -38,7 +38,7 @@ SHAPES = {"tiny (h64, L2)": {}, "h256, L4": dict(hidden_size=256, num_hidden_lay
                                                  num_attention_heads=4)}
 
 
-def random_task(n, seq_len, batch, vocab, seed=0) -> loop.TrainingData:
+def random_task(n, seq_len, batch, vocab, seed=0) -> TaskData:
   rng = np.random.default_rng(seed)
   ex = {"input_ids": rng.integers(3, vocab, (n, seq_len)).astype(np.int32),
         "attention_mask": np.ones((n, seq_len), np.int32),
@@ -51,7 +51,7 @@ def random_task(n, seq_len, batch, vocab, seed=0) -> loop.TrainingData:
       b["weights"] = np.ones(len(b["labels"]), np.float32)
       yield b
 
-  return loop.TrainingData(num_labels=2, is_regression=False, label_names=("a", "b"),
+  return TaskData(num_labels=2, is_regression=False, label_names=("a", "b"),
                            metrics=("accuracy",), main_metric="accuracy",
                            train_batches=lambda e: iter(()), num_train_batches=0,
                            eval_batches=batches, train_labels=ex["labels"])

@@ -13,7 +13,6 @@ import collections
 import gzip
 import json
 import re
-import sys
 
 from absl import app, flags
 

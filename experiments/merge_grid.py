@@ -13,7 +13,7 @@ See ``tvgeo_jax.studies.merge_study`` for the files written.
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from experiments import cli, model_inputs
 

@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 
 from experiments import cli, multihost
 from tvgeo_jax.studies import reproduce

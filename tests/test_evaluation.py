@@ -56,9 +56,9 @@ class EvaluationTest(absltest.TestCase):
 
   def test_data_is_tokenised_once(self):
     r = self.saved
-    a = evaluation.task_data(r.config)
-    self.assertIs(evaluation.task_data(r.config.replace(progress=True)), a)
-    self.assertIsNot(evaluation.task_data(r.config.replace(max_seq_len=24)), a)
+    a = evaluation.cached_task_data(r.config)
+    self.assertIs(evaluation.cached_task_data(r.config.replace(progress=True)), a)
+    self.assertIsNot(evaluation.cached_task_data(r.config.replace(max_seq_len=24)), a)
 
   def test_stacked_equals_one_at_a_time(self):
     r = self.saved

@@ -17,6 +17,7 @@ from absl.testing import absltest
 import numpy as np
 import scipy.stats
 
+from tvgeo_jax.core import trees
 from tvgeo_jax import evaluation, merging
 from tvgeo_jax.core import io_utils
 from tvgeo_jax.studies import merge_study, sources
@@ -136,7 +137,7 @@ class MergeStudyTest(absltest.TestCase):
     tvs = [merging.keep_top_k(t, 0.2) for t in
            merging.task_vectors(base, [s.params for s in self.srcs])]
     flat = [np.concatenate([np.ravel(v) for _, v in sorted(
-        __import__("tvgeo_jax").trees.flatten(t).items())]) for t in tvs]
+        trees.flatten(t).items())]) for t in tvs]
     s = np.sign(np.stack(flat))
     want = np.mean((s > 0).any(0) & (s < 0).any(0))
     self.assertAlmostEqual(conflicts["0.2"]["3"]["mean"], want, places=6)

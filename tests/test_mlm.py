@@ -1,5 +1,4 @@
 """MLM masking, loss, unigram baseline, and a short embedded-base pretraining run."""
-import os
 import tempfile
 
 from absl.testing import absltest

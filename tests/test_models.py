@@ -236,13 +236,16 @@ class LoaderErrorTest(absltest.TestCase):
     """``tiny``/``embedded`` load the cached pretrained base; ``tiny-random`` and
     ``tiny-bert-random`` are random inits; other ``tiny-*`` names are errors."""
     from unittest import mock
+    from tvgeo_jax import pretraining
     from tvgeo_jax.pretraining import embedded
     with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TVGEO_CACHE": cache}):
       config, saved = models.load_pretrained("tiny-random", head="mlm", seed=7)
       models.save_pretrained(embedded.default_dir(), config, saved, head="mlm")
       open(os.path.join(embedded.default_dir(), "pretrain.json"), "w").write("{}")
       for name in ("tiny", "embedded"):
-        cfg, params = models.load_pretrained(name, num_labels=2)
+        with self.assertRaisesRegex(ValueError, "pretraining.load_model"):
+          models.load_pretrained(name)
+        cfg, params = pretraining.load_model(name, num_labels=2)
         self.assertEqual(cfg.num_hidden_layers, config.num_hidden_layers)
         np.testing.assert_array_equal(
             params["encoder"]["layer_1"]["query"]["kernel"],

@@ -1,6 +1,5 @@
 """A cut-down reproduction end to end (three tasks, one short epoch), and the dry-run plan."""
 import os
-import re
 import subprocess
 import sys
 import tempfile

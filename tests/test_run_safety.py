@@ -18,7 +18,6 @@ import numpy as np
 from tvgeo_jax.core import io_utils
 from tvgeo_jax.training import runs
 from tvgeo_jax.training import compile_cache, loop, run_dir as run_dir_lib
-from tvgeo_jax.training.checkpoint import RunCheckpoints
 
 import test_training_fixtures as fx
 from test_training_errors import regression_task_with_inf_label

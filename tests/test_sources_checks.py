@@ -6,7 +6,6 @@ run. Fingerprints are checked against the bases rebuilt with
 ``load_pretrained``; pools and manifests are real files, hub ids a real huggingface_hub
 cache layout read offline.
 """
-import json
 import logging
 import os
 import shutil

@@ -13,6 +13,7 @@ import numpy as np
 from tvgeo_jax.training import runs
 from tvgeo_jax.training import compile_cache, loop, presets
 from tvgeo_jax.training.checkpoint import RunCheckpoints
+from tvgeo_jax.evaluation.task_data import TaskData
 
 import test_training_fixtures as fx
 
@@ -21,7 +22,7 @@ def setUpModule():
   compile_cache.enable(os.path.join(tempfile.gettempdir(), "tvgeo_jax_test_xla_cache"))
 
 
-def regression_task_with_inf_label(bad_step: int) -> loop.TrainingData:
+def regression_task_with_inf_label(bad_step: int) -> TaskData:
   """A regression task (target = class id) whose batch number ``bad_step`` has an inf target."""
   base = fx.topic_task(n_train=96, n_eval=32, batch_size=16, seq_len=16)
 

@@ -13,7 +13,7 @@ from typing import Dict, Sequence
 from absl.testing import absltest
 import numpy as np
 
-from tvgeo_jax.training.loop import TrainingData
+from tvgeo_jax.evaluation.task_data import TaskData
 
 PAD, CLS, SEP = 1, 0, 2
 SHARED = (20, 1024)
@@ -54,7 +54,7 @@ def batches(examples: Dict[str, np.ndarray], batch_size: int, order=None):
 
 
 def topic_task(n_train: int = 256, n_eval: int = 64, num_labels: int = 2, batch_size: int = 16,
-                seq_len: int = 16, seed: int = 0) -> TrainingData:
+                seq_len: int = 16, seed: int = 0) -> TaskData:
   splits = {name: topic_examples(n, num_labels, seq_len, seed + k)
             for k, (name, n) in enumerate((("train", n_train), ("validation", n_eval),
                                            ("test", n_eval)))}
@@ -63,7 +63,7 @@ def topic_task(n_train: int = 256, n_eval: int = 64, num_labels: int = 2, batch_
     order = np.random.default_rng([seed, epoch]).permutation(n_train)
     return batches(splits["train"], batch_size, order)
 
-  return TrainingData(num_labels=num_labels, is_regression=False,
+  return TaskData(num_labels=num_labels, is_regression=False,
                   label_names=[f"c{i}" for i in range(num_labels)], metrics=("accuracy",),
                   main_metric="accuracy", train_batches=train_batches,
                   num_train_batches=-(-n_train // batch_size),
@@ -81,7 +81,7 @@ def small_run_config(task="topic", method="full", **overrides):
   return presets.resolve(task, method, "tiny-random", overrides=base)
 
 
-def small_topic_task() -> TrainingData:
+def small_topic_task() -> TaskData:
   """64 training examples (4 batches of 16), 32 per evaluation split."""
   return topic_task(n_train=64, n_eval=32, batch_size=16, seq_len=16)
 

@@ -13,7 +13,6 @@ import tempfile
 import textwrap
 
 from absl.testing import absltest
-import jax
 import numpy as np
 
 from tvgeo_jax.adapters import partition
@@ -144,7 +143,8 @@ _MESH_SCRIPT = textwrap.dedent("""
     import json, os, sys, tempfile
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
-    from tvgeo_jax import runs, trees
+    from tvgeo_jax.core import trees
+    from tvgeo_jax.training import runs
     from tvgeo_jax.training import compile_cache, group, presets
     import test_training_fixtures as fx
     compile_cache.enable(sys.argv[2])

@@ -20,9 +20,11 @@ _SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
-    from tvgeo_jax import partition, trees
+    from tvgeo_jax.adapters import partition
+    from tvgeo_jax.core import sharding, trees
     from tvgeo_jax.models import load_pretrained
-    from tvgeo_jax.training import compile_cache, optim, sharding, step as step_lib
+    from tvgeo_jax.evaluation import scoring
+    from tvgeo_jax.training import compile_cache, optim, step as step_lib
     import test_training_fixtures as fx
     compile_cache.enable(sys.argv[2])
     assert jax.device_count() == 8, jax.devices()
@@ -38,7 +40,7 @@ _SCRIPT = textwrap.dedent("""
       frozen = sharding.replicate(frozen, mesh)
       train = step_lib.make_train_step(model_config=cfg, optimizer=tx, mesh=mesh,
                                        is_regression=False, seed=3)
-      evaluate = step_lib.make_eval_step(model_config=cfg, mesh=mesh, is_regression=False)
+      evaluate = scoring.make_eval_step(model_config=cfg, mesh=mesh, is_regression=False)
       losses = []
       for batch in list(fx.batches(ex, 16)) * 2:
         sb = sharding.shard_batch(batch, mesh)
@@ -47,7 +49,7 @@ _SCRIPT = textwrap.dedent("""
         losses.append(float(m["loss"]))
       res = evaluate(partition.combine(state["trainable"], frozen), sb)
       flat = trees.flatten(jax.tree.map(np.asarray, state["trainable"]))
-      out[n] = {"losses": losses, "shards": shards, "traces": train.traces,
+      out[n] = {"losses": losses, "shards": shards, "traces": train._cache_size(),
                 "logits": np.asarray(res["logits"]).tolist(),
                 "kernel": flat[("encoder", "layer_1", "value", "kernel")].tolist()}
     print("RESULT" + json.dumps(out))

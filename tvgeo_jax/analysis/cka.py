@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tvgeo_jax.models import apply  # local: keep this module importable on its own
 
 ESTIMATORS = ("unbiased", "biased")
 TOKENS = ("first", "mean")
@@ -259,7 +260,6 @@ def pairwise_cka(representations: Mapping[str, Any], batch_size: Optional[int] =
 @functools.partial(jax.jit, static_argnames=("config", "token", "dtype_name"))
 def _pooled_states(params, input_ids, attention_mask, token_type_ids, *, config, token,
                    dtype_name):
-  from tvgeo_jax.models import apply  # local: keep this module importable on its own
   batch = {"input_ids": input_ids, "attention_mask": attention_mask,
            "token_type_ids": token_type_ids}
   out = apply(params, batch, config=config, head="none", dtype=jnp.dtype(dtype_name),

@@ -5,7 +5,7 @@ Paths are tuples of keys, e.g. ``("encoder", "layer_3", "query", "kernel")``;
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 import jax
 import numpy as np

@@ -23,6 +23,7 @@ from tvgeo_jax.data.registry import (AUTHORSHIP_REFERENCE, AUTHORSHIP_WRITERS, P
                                      SYNTH_PAPER_TASKS, TASKS, TaskSpec, get_task, list_tasks)
 from tvgeo_jax.data.tokenizer import MAX_LENGTH, VOCAB_SIZE, load_tokenizer
 from tvgeo_jax.core.hub import HubUnavailableError
+from tvgeo_jax.data import synthetic
 
 SPLITS = ("train", "validation", "test")
 
@@ -64,7 +65,6 @@ def load_task_data(name: str, data_dir: Optional[str] = None, seed: int = 0,
   """
   spec = get_task(name)
   if spec.is_synthetic:
-    from tvgeo_jax.data import synthetic
     if data_dir is not None or revision is not None:
       flag = "--data_dir" if data_dir is not None else "--data_revision"
       raise ValueError(f"{spec.name} is generated offline; {flag} applies to real tasks "

@@ -13,6 +13,8 @@ import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
+from tvgeo_jax.core import metrics
+from tvgeo_jax.data import get_task, load_task_data
 
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
@@ -48,8 +50,6 @@ def bag_of_words_baseline(task: str, seed: int = 0, scale: float = 1.0,
   from sklearn.feature_extraction.text import CountVectorizer
   from sklearn.linear_model import LogisticRegression, Ridge
 
-  from tvgeo_jax.core import metrics
-  from tvgeo_jax.data import get_task, load_task_data
   spec = get_task(task)
   if splits is None:
     d = load_task_data(spec.name, seed=seed, scale=scale)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 

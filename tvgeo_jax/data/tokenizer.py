@@ -13,11 +13,12 @@ import os
 
 from tvgeo_jax.core import hub, io_utils, paths
 from tvgeo_jax.data import synthetic
+from tvgeo_jax.models import names
 
 VOCAB_SIZE = 2048  # the embedding size of the built-in tiny config; the BPE uses <= this
 MAX_LENGTH = 256   # the tiny RoBERTa's 258 positions minus the padding offset
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
-SYNTHETIC_NAMES = ("tiny", "embedded", "tiny-random", "tiny-bert-random", "synthetic")
+SYNTHETIC_NAMES = names.BUILTIN_NAMES + ("synthetic",)
 _TOKENIZER_VERSION = f"synth-bpe-v1-g{synthetic.GENERATOR_VERSION}"
 
 

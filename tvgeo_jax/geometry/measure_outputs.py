@@ -29,6 +29,7 @@ from tvgeo_jax.core import io_utils
 from tvgeo_jax.geometry import intruders as intruders_lib
 from tvgeo_jax.geometry import subspace_similarity as ss
 from tvgeo_jax.geometry.outputs import _nan_to_none
+from tvgeo_jax.core import figures as fg
 
 _SIDE = {"a": "A: right-singular vectors", "b": "B: left-singular vectors"}
 _METHOD_COLOURS = {"full": "tab:blue", "lora": "tab:orange", "bottleneck": "tab:green"}
@@ -89,7 +90,6 @@ def write_subspace_similarity(out_dir: str, results: Mapping[str, Mapping[str, n
 
 
 def _tasks_figure(root, module, factor, phi, names, ranks) -> str:
-  from tvgeo_jax.core import figures as fg
   lo, hi = min(ranks), max(ranks)
   ks = sorted({1, max(1, lo // 2), lo, hi})
   mean = _layer_mean(phi, axis=2)
@@ -108,7 +108,6 @@ def _tasks_figure(root, module, factor, phi, names, ranks) -> str:
 
 
 def _pairs_figure(root, module, factor, phi, names, ranks) -> str:
-  from tvgeo_jax.core import figures as fg
   t = len(names)
   pairs = [(s, u) for s in range(t) for u in range(s + 1, t)][:MAX_PAIR_PANELS] or [(0, 0)]
   import matplotlib.pyplot as plt
@@ -177,7 +176,6 @@ def _intruder_figure(root, records, k, eps) -> str:
   """Row 1: intruder count per layer; row 2: the lowest max |cos| among the top-k
   (how close the layer is to having one), with ε dashed. One column per module."""
   import matplotlib.pyplot as plt
-  from tvgeo_jax.core import figures as fg
   modules = list(records[0]["modules"])
   fig, axes = plt.subplots(2, len(modules), figsize=(4.2 * len(modules) + 2.0, 7.0),
                            squeeze=False)

@@ -28,6 +28,7 @@ import numpy as np
 
 from tvgeo_jax.core import io_utils
 from tvgeo_jax.geometry.grid import DistanceGrid
+from tvgeo_jax.core import figures as fg
 
 _FACTOR_LABEL = {"product": "BA", "a": "A", "b": "B"}
 
@@ -143,7 +144,6 @@ def _renamed(g: DistanceGrid, names) -> DistanceGrid:
 
 
 def _draw(root, results, labels, dendrogram_metric, kplus_figures) -> List[str]:
-  from tvgeo_jax.core import figures as fg
   rels: List[str] = []
   mods = list(results)
   keys = sorted({k for g in results.values() for k in g.distances})

@@ -22,7 +22,7 @@ Parameter-tree transforms add leaves that this code picks up when present:
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax

@@ -16,8 +16,11 @@ import jax
 import numpy as np
 
 from tvgeo_jax.core import io_utils, trees
+from tvgeo_jax.models import names
 from tvgeo_jax.models.config import EncoderConfig, tiny_config
 from tvgeo_jax.models.encoder import Encoder
+from tvgeo_jax.core import hub
+from tvgeo_jax.adapters import lora
 
 Path = Tuple[str, ...]
 _ARCH = {
@@ -204,40 +207,31 @@ def resolve_model_dir(name_or_path: str) -> str:
     raise ValueError(f"{name_or_path!r} is a file; pass the directory holding config.json.")
   if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
     raise FileNotFoundError(f"No such model directory: {name_or_path!r}.")
-  from tvgeo_jax.core import hub
   return hub.snapshot(name_or_path, kind="model",
                       allow_patterns=["config.json", "*.safetensors", "*.json", "*.txt",
                                       "merges.txt", "vocab.*", "pytorch_model.bin"])
-
-
-# Built-in models. ``tiny``/``embedded``: the tiny RoBERTa the project pretrains itself
-# (MLM on the synthetic corpus, built on first use and cached; ``tvgeo_jax.pretraining.embedded``).
-# ``tiny-random``/``tiny-bert-random``: the same-sized architectures at random init, for
-# tests and smoke runs (LoRA cannot learn a compositional task on them: nothing to adapt).
-PRETRAINED_BUILTINS = ("tiny", "embedded")
-RANDOM_MODELS = {"tiny-random": "roberta", "tiny-bert-random": "bert"}
 
 
 def load_pretrained(name_or_path: str, head: str = "classification",
                     num_labels: Optional[int] = None, seed: int = 0,
                     label_names: Optional[Tuple[str, ...]] = None
                     ) -> Tuple[EncoderConfig, dict]:
-  """Read ``config`` and ``params`` from a directory, a hub id or a built-in name
-  (``tiny``/``embedded``: the pretrained tiny base; ``tiny-random``, ``tiny-bert-random``).
+  """Read ``config`` and ``params`` from a directory, a hub id or a random built-in
+  (``tiny-random``, ``tiny-bert-random``; ``tvgeo_jax.models.names``). The pretrained
+  tiny base (``tiny``/``embedded``) is built and found by ``tvgeo_jax.pretraining``:
+  load it with ``tvgeo_jax.pretraining.load_model``.
 
   ``num_labels``/``label_names`` override the checkpoint's (a new head is
   initialised where the shapes change).
   """
-  if name_or_path in RANDOM_MODELS:
-    config = tiny_config(RANDOM_MODELS[name_or_path])
+  name_or_path = names.check(name_or_path)
+  if names.is_random(name_or_path):
+    config = tiny_config(names.RANDOM_MODELS[name_or_path])
     config = _with_labels(config, num_labels, label_names)
     return config, init_params(config, head, seed)
-  if name_or_path in PRETRAINED_BUILTINS:
-    from tvgeo_jax.pretraining import embedded
-    name_or_path = embedded.ensure_embedded_base()
-  elif name_or_path.startswith("tiny") and not os.path.isdir(name_or_path):
-    raise ValueError(f"Unknown built-in model {name_or_path!r}; built-in models are "
-                     f"{', '.join(PRETRAINED_BUILTINS + tuple(RANDOM_MODELS))}.")
+  if names.is_embedded(name_or_path):
+    raise ValueError(f"{name_or_path!r} is the embedded base, which tvgeo_jax.pretraining "
+                     "builds on first use: load it with tvgeo_jax.pretraining.load_model.")
   directory = resolve_model_dir(name_or_path)
   cfg_file = os.path.join(directory, "config.json")
   if not os.path.exists(cfg_file):
@@ -281,7 +275,6 @@ def state_dict_from_params(params: dict, config: EncoderConfig,
 def save_pretrained(directory: str, config: EncoderConfig, params: dict,
                     head: str = "classification") -> None:
   """Write config.json + model.safetensors that ``transformers`` loads."""
-  from tvgeo_jax.adapters import lora
   if lora.has_lora(params):
     raise ValueError("These params carry LoRA factors; fold them first with "
                      "tvgeo_jax.adapters.lora.merge_lora(params) or save them with save_peft.")

@@ -26,6 +26,9 @@ import optax
 from tvgeo_jax.core import io_utils, paths
 from tvgeo_jax.pretraining import mlm
 from tvgeo_jax.models import EncoderConfig, apply, init_params, save_pretrained
+from tvgeo_jax.data import load_tokenizer, synthetic
+from tvgeo_jax.training.optim import make_optimizer
+from tvgeo_jax.data.tokenizer import synthetic_tokenizer_dir
 
 CORPUS_SEED = 1000
 VERSION = "v1"
@@ -74,7 +77,6 @@ def pack_corpus(token_rows, seq_len: int) -> np.ndarray:
 
 def _corpus_rows(cfg: PretrainConfig):
   """Tokenised corpus texts in a seeded order; the first 5% are held out."""
-  from tvgeo_jax.data import load_tokenizer, synthetic
   tok = load_tokenizer("tiny")
   texts = synthetic.corpus(seed=CORPUS_SEED, scale=cfg.corpus_scale)
   order = np.random.RandomState(cfg.seed).permutation(len(texts))
@@ -101,7 +103,6 @@ class _BlockSampler:
 def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
              progress: bool = True) -> tuple:
   """Pretrain with MLM; returns (config, params, report dict)."""
-  from tvgeo_jax.training.optim import make_optimizer
   config = config or embedded_config()
   if cfg.long_seq_len + 2 > config.max_position_embeddings:
     raise ValueError(f"long_seq_len={cfg.long_seq_len} needs {cfg.long_seq_len + 2} positions; "
@@ -178,7 +179,6 @@ def _progress(total: int, enabled: bool):
 
 def save(directory: str, config: EncoderConfig, params: dict, report: Dict) -> None:
   """HF layout (config + weights with the MLM head), tokenizer files, pretrain.json."""
-  from tvgeo_jax.data.tokenizer import synthetic_tokenizer_dir
   with io_utils.atomic_directory(directory) as tmp:
     model_dir = os.path.join(tmp, "model")
     save_pretrained(model_dir, config, params, head="mlm")

@@ -49,6 +49,8 @@ from tvgeo_jax.studies import interference, sources
 from tvgeo_jax.core import io_utils, trees
 from tvgeo_jax.adapters import lora
 from tvgeo_jax.training import runs
+from tvgeo_jax import geometry
+from tvgeo_jax.core import figures
 
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
@@ -316,7 +318,6 @@ def distance_columns(srcs: Sequence[sources.Source], modules: Sequence[str] = DE
                      metrics: Optional[Sequence[str]] = None, top_k: Optional[int] = None
                      ) -> Dict[str, Dict[str, np.ndarray]]:
   """``{module: {column: T̄_d [T, T]}}`` for every metric and layer range (all, k+)."""
-  from tvgeo_jax import geometry
   stacks = sources.module_stacks(srcs, list(modules))
   is_lora = all(isinstance(s, tuple) for s in stacks.values())
   if metrics is None:
@@ -365,7 +366,6 @@ def table3_markdown(tables: Mapping[str, Mapping[str, dict]], kplus: Sequence[in
 def scatter_plots(out_dir: str, grid: Mapping[str, Any],
                   columns: Mapping[str, Mapping[str, np.ndarray]]) -> List[str]:
   """δ(i, j) against each all-layer distance, one PNG per module (points coloured by i)."""
-  from tvgeo_jax.core import figures
   delta = np.asarray(grid["delta"], np.float64)
   names = grid["task_names"]
   off = ~np.eye(len(names), dtype=bool)
@@ -493,7 +493,6 @@ def plt_colors(n: int) -> List[Any]:
 
 
 def _plot_paper_c(out_dir: str, conflicts, topk, multi) -> List[str]:
-  from tvgeo_jax.core import figures
   paths = []
   if conflicts is not None:
     fig, (ax,) = figures.panels(1, "Sign conflicts vs number of task vectors")

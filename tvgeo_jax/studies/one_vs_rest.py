@@ -25,11 +25,20 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from tvgeo_jax.core import io_utils
+from tvgeo_jax.data import AUTHORSHIP_REFERENCE
+from tvgeo_jax.data import SPLITS
+from tvgeo_jax.core import metrics
+from tvgeo_jax.core import figures
+from tvgeo_jax import data
+from tvgeo_jax.training import loop, presets
+from tvgeo_jax.evaluation import scoring, task_data
+from tvgeo_jax.core import sharding
+from tvgeo_jax.training import runs
 
 THRESHOLD = 0.5
 APPROACHES = ("full", "lora", "binary_lora")
@@ -74,7 +83,6 @@ def combine_one_vs_rest(probabilities, classes: Sequence[int], reference: int,
 
 def reference_index(label_names: Sequence[str], reference: Optional[str]) -> int:
   """Index of the reference class (by name or index string); a clear error otherwise."""
-  from tvgeo_jax.data import AUTHORSHIP_REFERENCE
   names = list(label_names)
   ref = reference if reference is not None else AUTHORSHIP_REFERENCE
   if ref in names:
@@ -87,7 +95,6 @@ def reference_index(label_names: Sequence[str], reference: Optional[str]) -> int
 
 def binary_splits(raw, positive: int, reference: int) -> Dict[str, tuple]:
   """``{split: (texts, labels)}`` keeping only ``positive`` (label 1) and ``reference`` (0)."""
-  from tvgeo_jax.data import SPLITS
   out = {}
   for split in SPLITS:
     texts, labels = raw[split]
@@ -102,13 +109,12 @@ def binary_splits(raw, positive: int, reference: int) -> Dict[str, tuple]:
 
 def training_data(splits: Mapping[str, tuple], config, label_names: Sequence[str],
                   metrics: Sequence[str] = ("accuracy", "f1"), main_metric: str = "accuracy"):
-  """A classification ``TrainingData`` from raw ``{split: (texts, labels)}``.
+  """A classification ``TaskData`` from raw ``{split: (texts, labels)}``.
 
-  Batching as ``training.data_source.task_data`` (shuffled from (seed, epoch), length
+  Batching as every task's (``evaluation.task_data``: shuffled from (seed, epoch), length
   buckets, this host's slice of every global batch).
   """
-  from tvgeo_jax.training.data_source import from_splits
-  return from_splits(splits, config, num_labels=len(label_names), is_regression=False,
+  return task_data.from_splits(splits, config, num_labels=len(label_names), is_regression=False,
                      label_names=label_names, metrics=metrics, main_metric=main_metric)
 
 
@@ -116,17 +122,13 @@ def training_data(splits: Mapping[str, tuple], config, label_names: Sequence[str
 
 def split_probabilities(run_dir: str, test_batches: Sequence[dict]) -> np.ndarray:
   """Softmax probabilities ``[n, K_run]`` of a finished run on the given batches."""
-  import jax
-  from tvgeo_jax.training import runs
-  from tvgeo_jax.training import loop, step
-  from tvgeo_jax.core import sharding
   run = runs.load_run(run_dir)
   mesh = sharding.data_mesh()
-  eval_step = step.make_eval_step(model_config=run.model_config, mesh=mesh,
+  eval_step = scoring.make_eval_step(model_config=run.model_config, mesh=mesh,
                                   is_regression=False)
   # The binary models see K-class labels: zero them (only the logits are used).
   batches = ({**b, "labels": np.zeros_like(b["labels"])} for b in test_batches)
-  pred = loop.predict(eval_step, sharding.replicate(run.params, mesh), batches, mesh)
+  pred = scoring.predict(eval_step, sharding.replicate(run.params, mesh), batches, mesh)
   logits = pred["logits"].astype(np.float64)
   z = np.exp(logits - logits.max(axis=1, keepdims=True))
   return z / z.sum(axis=1, keepdims=True)
@@ -134,7 +136,6 @@ def split_probabilities(run_dir: str, test_batches: Sequence[dict]) -> np.ndarra
 
 def score(predictions, labels, label_names: Sequence[str]) -> Dict[str, Any]:
   """Per-class report, accuracy, macro F1 and confusion matrices (``tvgeo_jax.core.metrics``)."""
-  from tvgeo_jax.core import metrics
   rep = metrics.classification_report_dict(np.asarray(predictions), np.asarray(labels),
                                            label_names=list(label_names))
   return {"per_class": {c: rep[c] for c in label_names}, "accuracy": rep["accuracy"],
@@ -146,7 +147,6 @@ def score(predictions, labels, label_names: Sequence[str]) -> Dict[str, Any]:
 def plot_confusions(results: Mapping[str, Mapping[str, Any]], label_names: Sequence[str],
                     path: str) -> None:
   """Row-normalised confusion matrices, one panel per approach (PNG)."""
-  from tvgeo_jax.core import figures
   fig, axes = figures.panels(len(results), "Row-normalised confusion matrices (test)",
                              size=3.8)
   for ax, (name, res) in zip(axes, results.items()):
@@ -199,8 +199,6 @@ def run_study(task: str, out_dir: str, *, model: str = "tiny", preset: Optional[
   per-approach predictions, the binary probabilities) and ``confusion_matrices.png``
   into ``out_dir``; returns the JSON content.
   """
-  from tvgeo_jax import data
-  from tvgeo_jax.training import loop, presets
   spec = data.get_task(task)
   if spec.is_regression:
     raise ValueError(f"{task} is a regression task; one-vs-rest needs classes.")

@@ -11,12 +11,13 @@ import datetime
 import glob
 import html
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
 from tvgeo_jax.studies import findings
 from tvgeo_jax.core import io_utils
+from tvgeo_jax.training import runs
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption) | ("md", text)
 
@@ -116,7 +117,6 @@ def _yes(b: bool) -> str:
 
 
 def scores_section(pipe) -> List[Block]:
-  from tvgeo_jax.training import runs
   p = pipe.preset
   rows = []
   for task in p.tasks:

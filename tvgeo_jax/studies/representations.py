@@ -37,6 +37,9 @@ from tvgeo_jax.core import io_utils
 from tvgeo_jax.analysis import cka as cka_lib
 from tvgeo_jax.analysis import similarity as sim_lib
 from tvgeo_jax.analysis import umap_analysis as ua
+from tvgeo_jax.training import runs as runs_lib
+from tvgeo_jax import pretraining
+from tvgeo_jax import data
 
 PLM = "plm"
 CKA_JSON = "cka.json"
@@ -59,7 +62,6 @@ def load_models(run_dirs: Sequence[str], base: Optional[str] = None
   gets ``_2``, ``_3``... All runs must share the task and the base model (the examples
   are tokenised once, with that model's tokenizer).
   """
-  from tvgeo_jax.training import runs as runs_lib
   if not run_dirs:
     raise ValueError("No run directory given; pass --runs=DIR[,DIR...] (finished runs of "
                      "experiments.finetune).")
@@ -72,8 +74,7 @@ def load_models(run_dirs: Sequence[str], base: Optional[str] = None
           f"{first.base_model}, {r.run_dir} is {r.task} on {r.base_model}.")
   models: "collections.OrderedDict[str, Tuple[dict, Any]]" = collections.OrderedDict()
   if base:
-    from tvgeo_jax.models import load_pretrained
-    config, params = load_pretrained(base, num_labels=first.model_config.num_labels,
+    config, params = pretraining.load_model(base, num_labels=first.model_config.num_labels,
                                      seed=first.config.seed)
     models[PLM] = (params, config)
   else:
@@ -95,7 +96,6 @@ def example_batches(task: str, model: str, *, split: str = "test", max_examples:
   Returns the batches (batch format; padding rows have weight 0) and the examples'
   labels in order. The same arguments give the same examples in the same order.
   """
-  from tvgeo_jax import data
   if max_examples < cka_lib.min_rows("unbiased"):
     raise ValueError(f"max_examples={max_examples} is too small; CKA needs at least 4.")
   raw = data.load_task_data(task, data_dir=data_dir, seed=seed, scale=data_scale)

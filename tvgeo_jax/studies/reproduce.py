@@ -25,6 +25,25 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tvgeo_jax.core import io_utils
+from tvgeo_jax.data import SYNTH_PAPER_TASKS
+from tvgeo_jax.data import PAPER_TASKS
+from tvgeo_jax.studies import findings
+from tvgeo_jax.models import EncoderConfig, names
+from tvgeo_jax.training import flops as flops_lib
+from tvgeo_jax.adapters import partition
+from tvgeo_jax.training import group as group_lib
+from tvgeo_jax import pretraining
+from tvgeo_jax.training import presets
+from tvgeo_jax.training import runs
+from tvgeo_jax.pretraining import embedded
+from tvgeo_jax.core.sharding import wait_for_all_processes
+from tvgeo_jax.training import group, loop
+from tvgeo_jax.studies import sources
+from tvgeo_jax import geometry
+from tvgeo_jax.studies import merge_study
+from tvgeo_jax.studies import representations
+from tvgeo_jax.studies import one_vs_rest
+from tvgeo_jax.studies import report
 
 STATE_FILE = "pipeline_state.json"
 
@@ -48,14 +67,12 @@ class StudyPreset:
   max_concurrent: Optional[int] = None  # tasks per concurrent fine-tuning group (None: all)
 
   def train_config(self, task: str, method: str):
-    from tvgeo_jax.training import presets
     overrides = dict(self.train_overrides.get("*", {}))
     overrides.update(self.train_overrides.get(method, {}))
     return presets.resolve(task, method, self.model, self.train_preset, overrides)
 
 
 def _offline() -> StudyPreset:
-  from tvgeo_jax.data import SYNTH_PAPER_TASKS
   return StudyPreset(
       name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS),
       train_overrides={"*": dict(epochs=5, patience=3, data_scale=0.5, max_seq_len=64,
@@ -67,7 +84,6 @@ def _offline() -> StudyPreset:
 
 
 def _paper() -> StudyPreset:
-  from tvgeo_jax.data import PAPER_TASKS
   return StudyPreset(name="paper", model="roberta-base", tasks=tuple(PAPER_TASKS),
                      train_preset="paper", repr_task="mrpc", ovr_task=None,
                      repr_max_examples=2000)
@@ -133,7 +149,6 @@ class Pipeline:
     return [(m, [t for t, mm in jobs if mm == m]) for m in methods]
 
   def steps(self) -> List[Step]:
-    from tvgeo_jax.training import runs
     p = self.preset
     steps = [Step("base", self._base, lambda: False, training=True)]
     for method, tasks in self.finetune_groups():
@@ -191,16 +206,13 @@ class Pipeline:
 
   # --- steps ---------------------------------------------------------------------
   def _base(self):
-    if self.preset.model == "embedded":
+    if names.is_embedded(self.preset.model):
       import jax
-      from tvgeo_jax.pretraining import embedded
-      from tvgeo_jax.core.sharding import wait_for_all_processes
       if jax.process_index() == 0:  # multi-host: one host builds, the others wait for it
         embedded.ensure_embedded_base()
       wait_for_all_processes("tvgeo_jax embedded base")
 
   def _finetune(self, tasks: Sequence[str], method: str):
-    from tvgeo_jax.training import group, loop
     configs = [self.preset.train_config(t, method) for t in tasks]
     dirs = [self.run_dir(t, method) for t in tasks]
     if len(tasks) == 1:
@@ -209,13 +221,10 @@ class Pipeline:
       group.finetune_many(configs, dirs, max_concurrent=self.preset.max_concurrent)
 
   def _sources(self, method: str, tasks: Optional[Sequence[str]] = None):
-    from tvgeo_jax.studies import sources
     tasks = tasks or self.preset.tasks
     return sources.load_sources([self.run_dir(t, method) for t in tasks])
 
   def _distances(self, method: str):
-    from tvgeo_jax import geometry
-    from tvgeo_jax.studies import sources
     srcs = self._sources(method)
     stacks = sources.module_stacks(srcs, ("query", "value"))
     lora_kind = method == "lora"
@@ -227,7 +236,6 @@ class Pipeline:
                                     kplus_figures=_kplus_for(srcs[0].config.num_hidden_layers))
 
   def _merge(self):
-    from tvgeo_jax.studies import merge_study
     out = os.path.join(self.out, "merge")
     srcs = self._sources("lora")
     layers = srcs[0].config.num_hidden_layers
@@ -246,7 +254,6 @@ class Pipeline:
                                {"findings": merge_findings(res)})
 
   def _representations(self):
-    from tvgeo_jax.studies import representations
     t = self.preset.repr_task
     out = os.path.join(self.out, "representations")
     res = representations.run_study([self.run_dir(t, m) for m in ("full", "lora", "bottleneck")],
@@ -256,7 +263,6 @@ class Pipeline:
                                {"findings": representation_findings(res)})
 
   def _one_vs_rest(self):
-    from tvgeo_jax.studies import one_vs_rest
     p = self.preset
     out = os.path.join(self.out, "one_vs_rest")
     overrides = dict(p.train_overrides.get("*", {}))
@@ -270,14 +276,12 @@ class Pipeline:
                                {"findings": one_vs_rest_findings(res)})
 
   def _report(self):
-    from tvgeo_jax.studies import report
     report.write_report(self)
 
 
 def merge_findings(res: Mapping[str, Any]) -> List[str]:
   """Paper A Table 3 and paper C, checked on the study's numbers."""
   import numpy as np
-  from tvgeo_jax.studies import findings
   lines = []
   pairs = res.get("pairs", {})
   fa = pairs.get("lora_factor_average")
@@ -319,7 +323,6 @@ def merge_findings(res: Mapping[str, Any]) -> List[str]:
 def representation_findings(res: Mapping[str, Any]) -> List[str]:
   """Paper B: PLM-vs-FT similarity fades with depth; BN stays closer to the PLM early."""
   import numpy as np
-  from tvgeo_jax.studies import findings
   lines = []
   diag = {pair: np.asarray(d, float) for pair, d in res.get("cka_diagonal", {}).items()}
   for pair, d in diag.items():
@@ -375,12 +378,9 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
   upper bound: every sequence is counted at ``max_seq_len`` and early stopping
   usually ends runs sooner.
   """
-  from tvgeo_jax.models import EncoderConfig
-  from tvgeo_jax.training import flops as flops_lib
   config = EncoderConfig() if preset.model == "roberta-base" else None
   if config is None:
-    from tvgeo_jax.models import load_pretrained
-    config, _ = load_pretrained(preset.model)
+    config, _ = pretraining.load_model(preset.model)
   h, l, f, v = (config.hidden_size, config.num_hidden_layers, config.intermediate_size,
                 config.vocab_size)
   layer_params = 4 * h * h + 2 * h * f
@@ -404,8 +404,6 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
                  "epochs": tc.epochs, "batch_size": tc.batch_size, "train_examples": n_train,
                  "tflops_upper_bound": round(flops / 1e12, 1)})
   groups = []
-  from tvgeo_jax.adapters import partition
-  from tvgeo_jax.training import group as group_lib
   for method, tasks in Pipeline(preset, "/dev/null").finetune_groups():
     tc = preset.train_config(tasks[0], method)
     tree = trees_by_method[(method, tc.lora_rank, tuple(tc.lora_targets), tc.bottleneck_size,

@@ -27,6 +27,12 @@ from tvgeo_jax.models import fingerprint
 from tvgeo_jax.adapters import lora
 from tvgeo_jax.vectors import task_vectors
 from tvgeo_jax.models import EncoderConfig
+from tvgeo_jax.training import runs
+from tvgeo_jax import pretraining
+from tvgeo_jax.adapters import peft_io
+from tvgeo_jax.core import hub
+from tvgeo_jax.core import trees
+from tvgeo_jax.geometry import pad_rank
 
 
 @dataclasses.dataclass
@@ -43,7 +49,6 @@ class Source:
 
 
 def _is_run(path: str) -> bool:
-  from tvgeo_jax.training import runs
   return os.path.exists(os.path.join(path, runs.RESULTS))
 
 
@@ -56,10 +61,9 @@ BaseCache = Dict[Tuple[str, Optional[int]], Tuple[EncoderConfig, dict, str]]
 
 
 def _load_base(name: str, num_labels: Optional[int], cache: Optional[BaseCache]):
-  from tvgeo_jax.models import load_pretrained
   key = (name, num_labels)
   if cache is None or key not in cache:
-    config, params = load_pretrained(name, num_labels=num_labels)
+    config, params = pretraining.load_model(name, num_labels=num_labels)
     entry = (config, params, fingerprint.base_fingerprint(params, config))
     if cache is None:
       return entry
@@ -75,8 +79,6 @@ def load_source(path: str, base: Optional[str] = None, with_base: bool = True,
   base for an adapter that names a hub id, when offline). ``name`` labels the model
   (default: a run's task, an adapter's directory name).
   """
-  from tvgeo_jax.adapters import peft_io
-  from tvgeo_jax.training import runs
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path!r} is not a directory (expected a finetune run or a peft "
                             "adapter directory).")
@@ -216,8 +218,6 @@ def _entry_path(entry: str) -> Tuple[str, Optional[str]]:
   and labelled by its name (a local entry by load_source's default)."""
   if os.path.exists(entry) or not _HUB_ID.match(entry):
     return entry, None
-  from tvgeo_jax.core import hub
-  from tvgeo_jax.adapters import peft_io
   path = hub.snapshot(entry, kind="model",
                       allow_patterns=[peft_io.CONFIG_FILE, peft_io.WEIGHTS_FILE,
                                       peft_io.LEGACY_WEIGHTS_FILE],
@@ -226,7 +226,6 @@ def _entry_path(entry: str) -> Tuple[str, Optional[str]]:
 
 
 def _declared_base(path: str) -> Optional[str]:
-  from tvgeo_jax.adapters import peft_io
   return peft_io.read_adapter_config(path).get("base_model_name_or_path") if (
       not _is_run(path) and _is_adapter(path)) else None
 
@@ -260,7 +259,6 @@ def load_pool(manifest: str, base: Optional[str] = None, with_base: bool = True,
   one that does not fit ``base`` at all (shapes, keys) is off it too. Skipped models
   are named in a warning; ``strict`` refuses the pool instead (ValueError).
   """
-  from tvgeo_jax.adapters import peft_io
   cache: BaseCache = {}
   loaded: List[Tuple[str, Optional[Source], Optional[str]]] = []
   for entry in read_manifest(manifest):
@@ -300,8 +298,6 @@ def _lora_module_stack(params_list, module: str):
   to the largest rank (peft's ``rank_pattern`` and ``--lora_rank`` runs mix ranks; ``B A``,
   its column space and ``Im(B)`` are unchanged by the padding)."""
   import numpy as np
-  from tvgeo_jax.core import trees
-  from tvgeo_jax.geometry import pad_rank
   per_model = []
   for params in params_list:
     layers = trees.layer_indices(params)

@@ -16,6 +16,8 @@ from typing import Any, Mapping, Optional, Tuple
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from tvgeo_jax.core import io_utils
+from tvgeo_jax.core.sharding import wait_for_all_processes
 
 
 # Multi-host: orbax names its cross-process barriers after the step, so every manager a
@@ -146,8 +148,6 @@ def save_tree(directory: str, tree: Mapping) -> None:
   process and pairs the hosts' later checkpoint saves by that number, so a save by one
   host alone would leave the next run's saves waiting forever.
   """
-  from tvgeo_jax.core import io_utils
-  from tvgeo_jax.core.sharding import wait_for_all_processes
   staging = os.path.abspath(directory).rstrip(os.sep) + ".saving"  # the same on every host
   if jax.process_index() == 0 and os.path.exists(staging):
     shutil.rmtree(staging)

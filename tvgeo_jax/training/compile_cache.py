@@ -9,6 +9,7 @@ import os
 from typing import Optional
 
 import jax
+from tvgeo_jax.core import paths
 
 
 def enable(directory: Optional[str]) -> Optional[str]:
@@ -23,5 +24,4 @@ def enable(directory: Optional[str]) -> Optional[str]:
 
 
 def default_directory() -> str:
-  from tvgeo_jax.core import paths
   return os.path.join(paths.cache_dir(), "xla")

@@ -14,6 +14,8 @@ import numpy as np
 from tvgeo_jax.adapters import partition
 from tvgeo_jax.core import trees
 from tvgeo_jax.models.config import EncoderConfig
+from tvgeo_jax.models.encoder import Encoder
+from tvgeo_jax.training import methods
 
 _EMBEDDING_INPUT = ("query", "key", "value")  # layer 0's products of the embedding output
 _FIRST_TOKEN = ("pooler", "classifier")  # head products, on the first token only
@@ -66,8 +68,6 @@ def parameter_shapes(config: EncoderConfig, train_config) -> dict:
   """The tree ``methods.prepare_params`` builds for ``train_config.method``, with
   zero-memory base leaves (broadcast views) of the right shapes: enough for
   ``train_flops_per_sequence`` without allocating roberta-base."""
-  from tvgeo_jax.models.encoder import Encoder
-  from tvgeo_jax.training import methods
   shapes = jax.eval_shape(Encoder(config, "classification").init, jax.random.key(0),
                           np.full((1, 8), 3, np.int32))["params"]
   base = trees.unflatten({p: np.broadcast_to(np.zeros((), s.dtype), s.shape)

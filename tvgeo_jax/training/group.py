@@ -50,6 +50,8 @@ from tvgeo_jax.models import apply as model_apply
 from tvgeo_jax.training import checkpoint as ckpt_lib
 from tvgeo_jax.training import loop, metric_writers, methods, optim, run_dir as run_dir_lib
 from tvgeo_jax.core import sharding
+from tvgeo_jax.evaluation import losses, scoring
+from tvgeo_jax.evaluation.task_data import TaskData
 from tvgeo_jax.training import step as step_lib
 from tvgeo_jax.training.config import TrainConfig
 from tvgeo_jax.training.early_stopping import EarlyStopping
@@ -144,7 +146,7 @@ def make_group_train_step(*, model_config, schedules: Sequence[optax.Schedule],
                         logits_only=True)
       logits = out["logits"] if is_regression else mask_logits(out["logits"], m["num_labels"])
       cw = None if m.get("class_weights") is None else m["class_weights"]
-      return step_lib.weighted_mean_loss(logits, batch, is_regression, cw)
+      return losses.weighted_mean_loss(logits, batch, is_regression, cw)
 
     loss, grads = jax.value_and_grad(loss_of)(state["trainable"])
     schedule = lambda count: jax.lax.switch(m["index"], schedules, count)
@@ -172,7 +174,7 @@ def make_group_eval_step(*, model_config, mesh: Mesh, is_regression: bool, dtype
     logits = out["logits"].astype(jnp.float32)
     scored = logits if is_regression else mask_logits(logits, num_labels)
     return {"logits": logits,
-            "loss": step_lib.per_example_loss(scored, batch["labels"], is_regression)}
+            "loss": losses.per_example_loss(scored, batch["labels"], is_regression)}
 
   stacked, rep, data = _stacked(mesh), sharding.replicated(mesh), _batch_sharding(mesh)
   return jax.jit(jax.vmap(member_eval, in_axes=(0, None, 0, 0)),
@@ -214,7 +216,7 @@ def stack_batches(batches: Sequence[Mapping[str, np.ndarray]], data_shards: int)
 class _Member:
   config: TrainConfig
   run_dir: str
-  data: loop.TrainingData
+  data: TaskData
   model_config: Any
   trainable: Any          # the member's own (unpadded) step-0 trainable tree
   frozen: Any             # after the set-up check, the one frozen tree all members share
@@ -266,7 +268,7 @@ def default_group_dir(run_dirs: Sequence[str], method: str) -> str:
 # --- the group run ----------------------------------------------------------------------
 
 def finetune_group(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
-                   data: Optional[Sequence[loop.TrainingData]] = None,
+                   data: Optional[Sequence[TaskData]] = None,
                    group_dir: Optional[str] = None, overwrite: bool = False,
                    mesh: Optional[Mesh] = None,
                    max_concurrent: Optional[int] = None) -> List[Dict[str, Any]]:
@@ -394,10 +396,7 @@ class _GroupTrainer:
     if c0.class_weights and not self.is_regression:
       cw = np.zeros((len(ms), widest), np.float32)
       for t, m in enumerate(ms):
-        if m.data.train_labels is None:
-          raise ValueError("class_weights needs the training labels (TrainingData.train_labels).")
-        cw[t, :m.data.num_labels] = step_lib.balanced_class_weights(m.data.train_labels,
-                                                                    m.data.num_labels)
+        cw[t, :m.data.num_labels] = scoring.class_weights(True, m.data)
     self.member_arrays = {"seed": np.array([m.config.seed for m in ms], np.int32),
                           "num_labels": self.num_labels,
                           "index": np.arange(len(ms), dtype=np.int32)}
@@ -574,7 +573,7 @@ class _GroupTrainer:
     for t, m in enumerate(self.members):
       if m.finished or m.stopper.stop:
         continue
-      val = loop.split_metrics(preds[t], m.data, self._class_weights(t))
+      val = scoring.split_metrics(preds[t], m.data, self._class_weights(t))
       m.stopper = m.stopper.update(self.epoch, val["loss"])
       record = {"kind": "epoch", "step": int(step_nos[t]), "epoch": self.epoch,
                 "validation_loss": val["loss"],
@@ -621,7 +620,7 @@ class _GroupTrainer:
              for split in ("validation", "test")}
     for t in finishing:
       self._write_member(t, self.members[t], *bests[t],
-                         {split: loop.split_metrics(preds[split][t], self.members[t].data,
+                         {split: scoring.split_metrics(preds[split][t], self.members[t].data,
                                                     self._class_weights(t))
                           for split in preds})
 
@@ -687,7 +686,7 @@ def available_memory_bytes(device=None) -> Optional[int]:
 def finetune_many(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
                   max_concurrent: Optional[int] = None, overwrite: bool = False,
                   mesh: Optional[Mesh] = None,
-                  data: Optional[Sequence[loop.TrainingData]] = None) -> List[Dict[str, Any]]:
+                  data: Optional[Sequence[TaskData]] = None) -> List[Dict[str, Any]]:
   """Train the tasks in groups of at most ``max_concurrent`` (default: all in one),
   one after another; the results in the order given."""
   if max_concurrent is not None and max_concurrent < 1:

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from absl import logging
 import jax
@@ -27,11 +27,12 @@ from tvgeo_jax.training import metric_writers
 from tvgeo_jax.training import run_dir as run_dir_lib
 from tvgeo_jax.training import methods, optim, step as step_lib
 from tvgeo_jax.core import sharding
+from tvgeo_jax.evaluation import scoring
+from tvgeo_jax.evaluation import task_data as task_data_lib
+from tvgeo_jax.evaluation.task_data import TaskData
 from tvgeo_jax.training.config import TrainConfig, check_resume_changes, config_differences
 from tvgeo_jax.training.early_stopping import EarlyStopping
-
-Batch = Dict[str, np.ndarray]
-
+from tvgeo_jax import pretraining
 
 class StopRequested(Exception):
   """Raised by ``stop_after_steps`` (simulates a kill; nothing is saved at that moment)."""
@@ -39,66 +40,6 @@ class StopRequested(Exception):
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradient norm became NaN/inf."""
-
-
-@dataclasses.dataclass
-class TrainingData:
-  """What the loop needs from the data layer (host-local batches in the batch format).
-
-  Attributes:
-    num_labels, is_regression, label_names, metrics, main_metric: the task.
-    train_batches: ``fn(epoch) -> iterator`` of this host's training batches; the
-      order must be a deterministic function of (seed, epoch).
-    num_train_batches: batches per epoch.
-    eval_batches: ``fn(split) -> iterator`` for "validation" / "test", every example
-      once (padding rows have weight 0).
-    train_labels: all training labels (for balanced class weights).
-  """
-  num_labels: int
-  is_regression: bool
-  label_names: Sequence[str]
-  metrics: Sequence[str]
-  main_metric: str
-  train_batches: Callable[[int], Iterator[Batch]]
-  num_train_batches: int
-  eval_batches: Callable[[str], Iterator[Batch]]
-  train_labels: Optional[np.ndarray] = None
-
-
-# --- evaluation ----------------------------------------------------------------
-
-def predict(eval_step, params, batches: Iterator[Batch], mesh) -> Dict[str, np.ndarray]:
-  """Logits, per-row loss, labels and weights of every real example (weight > 0)."""
-  out: Dict[str, List[np.ndarray]] = {"logits": [], "loss": [], "labels": [], "weights": []}
-  for batch in batches:
-    res = {k: sharding.to_host(v) for k, v in
-           eval_step(params, sharding.shard_batch(batch, mesh)).items()}
-    keep = res["weights"] > 0
-    for k in out:
-      out[k].append(res[k][keep])
-  return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
-
-
-def mean_loss(pred: Mapping[str, np.ndarray], class_weights: Optional[np.ndarray]) -> float:
-  """The training objective on an eval split (class-weighted if training was)."""
-  w = pred["weights"].astype(np.float64)
-  if class_weights is not None:
-    w = w * class_weights[pred["labels"].astype(np.int64)]
-  return float(np.sum(w * pred["loss"]) / max(np.sum(w), 1e-12))
-
-
-def split_metrics(pred: Mapping[str, np.ndarray], data: TrainingData,
-                  class_weights: Optional[np.ndarray]) -> Dict[str, Any]:
-  from tvgeo_jax.core import metrics as metrics_lib
-  logits = pred["logits"]
-  values = logits[:, 0] if data.is_regression else logits
-  res = metrics_lib.compute_metrics(list(data.metrics), values, pred["labels"],
-                                    label_names=list(data.label_names) or None,
-                                    main=data.main_metric)
-  res = dict(res)
-  res["loss"] = mean_loss(pred, class_weights)
-  res["num_examples"] = int(pred["labels"].shape[0])
-  return res
 
 
 # --- run-directory helpers -------------------------------------------------------
@@ -175,15 +116,14 @@ def devices_info(mesh) -> Dict[str, Any]:
           "kind": getattr(d, "device_kind", d.platform), "processes": jax.process_count()}
 
 
-def load_data(config: TrainConfig) -> TrainingData:
+def load_data(config: TrainConfig) -> TaskData:
   """``config.task`` tokenised and batched for ``config.model`` (a bad task name fails here)."""
-  from tvgeo_jax.training import data_source
-  return data_source.task_data(config)
+  return task_data_lib.build(config)
 
 
 # --- the run -----------------------------------------------------------------------
 
-def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] = None,
+def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TaskData] = None,
              overwrite: bool = False, mesh=None,
              resume_with: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """Fine-tune ``config.model`` on ``config.task`` into ``run_dir``; returns results.json.
@@ -223,10 +163,9 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TrainingData] 
     guard.release()
 
 
-def load_base(config: TrainConfig, data: TrainingData):
+def load_base(config: TrainConfig, data: TaskData):
   """(model config, pretrained tree) with the task's head and ``config.dropout`` applied."""
-  from tvgeo_jax.models import load_pretrained
-  model_config, base = load_pretrained(config.model, num_labels=data.num_labels,
+  model_config, base = pretraining.load_model(config.model, num_labels=data.num_labels,
                                        label_names=tuple(data.label_names) or None,
                                        seed=config.seed)
   if config.dropout is not None:
@@ -273,7 +212,7 @@ class _Setup:
   train_config: TrainConfig    # with --resume_with changes applied
   resume_record: list
   run_dir: str
-  data: TrainingData
+  data: TaskData
   model_config: Any
   mesh: Any
   frozen: Any
@@ -285,7 +224,7 @@ class _Setup:
   base: Any                    # the pretrained tree (its fingerprint goes into results.json)
 
 
-def _set_up(config: TrainConfig, run_dir: str, data: TrainingData, model_config, base, mesh,
+def _set_up(config: TrainConfig, run_dir: str, data: TaskData, model_config, base, mesh,
             resume_with: Mapping[str, Any], has_checkpoint: bool):
   """Phase 1: the run's fixed parts and its step-0 train state; whether it resumes."""
   resuming, train_config, resume_record = _start_or_resume(run_dir, config, has_checkpoint,
@@ -294,11 +233,7 @@ def _set_up(config: TrainConfig, run_dir: str, data: TrainingData, model_config,
   trainable, frozen = partition.split(params, train_config.method)
   mesh = mesh if mesh is not None else sharding.data_mesh()
   dtype = jnp.dtype(train_config.dtype)
-  class_weights = None
-  if train_config.class_weights and not data.is_regression:
-    if data.train_labels is None:
-      raise ValueError("class_weights needs the training labels (TrainingData.train_labels).")
-    class_weights = step_lib.balanced_class_weights(data.train_labels, data.num_labels)
+  class_weights = scoring.class_weights(train_config.class_weights, data)
   total_steps = train_config.epochs * data.num_train_batches
   optimizer = optim.make_optimizer(
       trainable, learning_rate=train_config.learning_rate, total_steps=total_steps,
@@ -313,7 +248,7 @@ def _set_up(config: TrainConfig, run_dir: str, data: TrainingData, model_config,
           model_config=model_config, optimizer=optimizer, mesh=mesh,
           is_regression=data.is_regression, seed=config.seed, dtype=dtype,
           class_weights=class_weights),
-      eval_step=step_lib.make_eval_step(model_config=model_config, mesh=mesh,
+      eval_step=scoring.make_eval_step(model_config=model_config, mesh=mesh,
                                         is_regression=data.is_regression, dtype=dtype),
       schedule=optim.linear_schedule(train_config.learning_rate, total_steps,
                                      train_config.warmup_ratio),
@@ -437,8 +372,8 @@ class _Trainer:
     s = self.s
     step_no = (self.epoch + 1) * s.data.num_train_batches
     full = partition.combine(self.state["trainable"], s.frozen)
-    val = split_metrics(predict(s.eval_step, full, s.data.eval_batches("validation"), s.mesh),
-                        s.data, s.class_weights)
+    pred = scoring.predict(s.eval_step, full, s.data.eval_batches("validation"), s.mesh)
+    val = scoring.split_metrics(pred, s.data, s.class_weights)
     self.stopper = self.stopper.update(self.epoch, val["loss"])
     record = {"kind": "epoch", "step": step_no, "epoch": self.epoch,
               "validation_loss": val["loss"],
@@ -475,8 +410,8 @@ class _Trainer:
     best_params = partition.combine(best_trainable, s.frozen)
     results_by_split = {}
     for split in ("validation", "test"):
-      pred = predict(s.eval_step, best_params, s.data.eval_batches(split), s.mesh)
-      results_by_split[split] = split_metrics(pred, s.data, s.class_weights)
+      pred = scoring.predict(s.eval_step, best_params, s.data.eval_batches(split), s.mesh)
+      results_by_split[split] = scoring.split_metrics(pred, s.data, s.class_weights)
     return write_run(s.run_dir, config, s.model_config, s.data, best_params, s.base,
                      metrics=results_by_split, best_epoch=int(best_meta["epoch"]),
                      history=self.history, stopped_early=bool(self.stopper.stop),
@@ -486,7 +421,7 @@ class _Trainer:
                      resumed_with=s.resume_record)
 
 
-def write_run(run_dir: str, config: TrainConfig, model_config, data: TrainingData, params,
+def write_run(run_dir: str, config: TrainConfig, model_config, data: TaskData, params,
               base, *, metrics: Mapping[str, Any], best_epoch: int, history: list,
               stopped_early: bool, steps: int, wall_time_s: float,
               parameter_counts: Tuple[int, int], devices: Mapping[str, Any],
@@ -512,7 +447,7 @@ def write_run(run_dir: str, config: TrainConfig, model_config, data: TrainingDat
   return results
 
 
-def _train(config: TrainConfig, run_dir: str, data: TrainingData, model_config, base, mesh,
+def _train(config: TrainConfig, run_dir: str, data: TaskData, model_config, base, mesh,
            resume_with: Mapping[str, Any], guard: RunDirectoryGuard,
            ckpts: ckpt_lib.RunCheckpoints) -> Dict[str, Any]:
   setup, state, resuming = _set_up(config, run_dir, data, model_config, base, mesh,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional
 
 from tvgeo_jax.training.config import TrainConfig
+from tvgeo_jax.models import names
 
 _COMMON_PAPER = dict(batch_size=20, epochs=20, patience=5, weight_decay=0.01,
                      warmup_ratio=0.06, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
@@ -44,7 +45,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 def default_preset(model: str) -> str:
   """``tiny`` for the built-in tiny/embedded bases, ``paper`` otherwise."""
-  return "tiny" if model.startswith("tiny") or model == "embedded" else "paper"
+  return "tiny" if names.is_builtin(model) else "paper"
 
 
 def preset_values(preset: str, method: str) -> Dict[str, Any]:

@@ -23,13 +23,14 @@ from typing import Optional
 from absl import logging
 
 from tvgeo_jax.training import runs
+from tvgeo_jax.training.checkpoint import CHECKPOINTS
 
 LOCK = "run.lock"
 PREVIOUS_SUFFIX = ".previous"
 GLOB_CHARS = "[]*?"
 # What a run directory may hold: the files a run writes and the temporaries of atomic writes.
 RUN_ENTRIES = frozenset({runs.RESULTS, runs.RUN_CONFIG, runs.METRICS_LOG, runs.PARAMS,
-                         runs.PARAMS + ".saving", runs.HF, runs.ADAPTER, runs.CHECKPOINTS,
+                         runs.PARAMS + ".saving", runs.HF, runs.ADAPTER, CHECKPOINTS,
                          LOCK, "tensorboard"})
 TEMP_PREFIXES = (".tmp-", ".old-")
 

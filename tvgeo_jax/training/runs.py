@@ -24,7 +24,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from tvgeo_jax.core import io_utils
 from tvgeo_jax.models.config import EncoderConfig
-from tvgeo_jax.training.checkpoint import CHECKPOINTS
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.models import save_pretrained
+from tvgeo_jax.training.checkpoint import save_tree
+from tvgeo_jax.models import fingerprint
+from tvgeo_jax.adapters import peft_io
+from tvgeo_jax import pretraining
+from tvgeo_jax import data
+from tvgeo_jax.training.checkpoint import load_tree
+from tvgeo_jax.training.config import TrainConfig
 
 RESULTS = "results.json"
 RUN_CONFIG = "run_config.json"
@@ -56,9 +64,6 @@ def write_outputs(run_dir: str, params: Mapping, model_config: EncoderConfig,
   writes the files.
   """
   import jax
-  from tvgeo_jax.adapters import lora
-  from tvgeo_jax.models import save_pretrained
-  from tvgeo_jax.training.checkpoint import save_tree
 
   save_tree(os.path.join(run_dir, PARAMS), params)
   if jax.process_index() != 0:
@@ -67,10 +72,8 @@ def write_outputs(run_dir: str, params: Mapping, model_config: EncoderConfig,
     save_pretrained(os.path.join(run_dir, HF), model_config, params)
   elif method == "lora":
     save_pretrained(os.path.join(run_dir, HF), model_config, lora.merge_lora(params))
-    from tvgeo_jax.adapters import peft_io
     peft_io.save_peft(os.path.join(run_dir, ADAPTER), params, model_config,
                       base_model_name_or_path=base_model)
-  from tvgeo_jax.models import fingerprint
   if method != "lora" and base_params is None:
     base_params = load_base_params(results)
   results["base_fingerprint"] = fingerprint.base_fingerprint(
@@ -99,7 +102,6 @@ class Run:
     """(fingerprint of the run's base, recomputed?): from results.json, or computed
     now for runs written before fingerprints (LoRA: from the frozen leaves; other
     methods: from ``base_params``, else the base reloaded as results.json names it)."""
-    from tvgeo_jax.models import fingerprint
     stored = self.results.get("base_fingerprint")
     if stored:
       return stored, False
@@ -110,12 +112,11 @@ class Run:
 
 def load_base_params(results: Mapping[str, Any]) -> dict:
   """The pretrained tree a run started from, from its results.json (name or path, seed)."""
-  from tvgeo_jax.models import load_pretrained
   source = results.get("base_model_path") or results["base_model"]
   if source and not os.path.isdir(source):
     source = results["base_model"]
   model_config = EncoderConfig.from_hf_dict(results["model_config"])
-  _, params = load_pretrained(source, num_labels=model_config.num_labels,
+  _, params = pretraining.load_model(source, num_labels=model_config.num_labels,
                               label_names=model_config.label_names or None,
                               seed=results["config"]["seed"])
   return params
@@ -124,7 +125,6 @@ def load_base_params(results: Mapping[str, Any]) -> dict:
 def data_revision(config: Mapping[str, Any]) -> Optional[str]:
   """The hub dataset commit a run's data came from (None: synthetic or --data_dir)."""
   import logging
-  from tvgeo_jax import data
   try:
     spec = data.get_task(config["task"])
   except ValueError:
@@ -141,8 +141,6 @@ def data_revision(config: Mapping[str, Any]) -> Optional[str]:
 
 def load_run(run_dir: str, load_params: bool = True) -> Run:
   """Read a finished run directory (``results.json`` + ``params/``)."""
-  from tvgeo_jax.training.checkpoint import load_tree
-  from tvgeo_jax.training.config import TrainConfig
 
   path = os.path.join(run_dir, RESULTS)
   if not os.path.exists(path):

@@ -1,10 +1,10 @@
 """Score parameter trees on a task's split: one model (``evaluate``) or many at once.
 
-The one home for "the metrics of these params on task X's validation/test split",
-built from the training pieces (``data_source.task_data``, ``step.make_eval_step``,
-``loop.predict``, ``loop.split_metrics``) so scores match a run's ``results.json``.
+"The metrics of these params on task X's validation/test split", from the same pieces a
+run validates with (``task_data.build``, ``scoring.make_eval_step``, ``scoring.predict``,
+``scoring.split_metrics``), so scores match a run's ``results.json``.
 
-* Tokenised data (``TrainingData``) is cached per (task, model, seed, max_seq_len,
+* Tokenised data (``TaskData``) is cached per (task, model, seed, max_seq_len,
   data_scale, data_dir, eval_batch_size): scoring many merged models tokenises once.
 * ``evaluate_stacked`` scores K trees of one structure (e.g. every merge(i, ·) of
   task i: same base, same head) in one compiled forward: the leaves that differ
@@ -13,7 +13,6 @@ built from the training pieces (``data_source.task_data``, ``step.make_eval_step
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -23,8 +22,10 @@ import numpy as np
 from tvgeo_jax.core import trees
 from tvgeo_jax.models import apply as model_apply
 from tvgeo_jax.models.config import EncoderConfig
-from tvgeo_jax.training import loop, step as step_lib
 from tvgeo_jax.core import sharding
+from tvgeo_jax.evaluation import losses, scoring
+from tvgeo_jax.evaluation import task_data as task_data_lib
+from tvgeo_jax.evaluation.task_data import TaskData
 
 SPLITS = ("validation", "test")
 DEFAULT_CHUNK = 16
@@ -41,16 +42,15 @@ def data_key(train_config) -> Tuple:
           int(c.eval_batch_size))
 
 
-def task_data(train_config) -> loop.TrainingData:
-  """``data_source.task_data(config)``, cached (see ``data_key``)."""
-  from tvgeo_jax.training import data_source
+def cached_task_data(train_config) -> TaskData:
+  """``task_data.build(config)``, cached (see ``data_key``)."""
   key = data_key(train_config)
   if key not in _DATA_CACHE:
-    _DATA_CACHE[key] = data_source.task_data(train_config)
+    _DATA_CACHE[key] = task_data_lib.build(train_config)
   return _DATA_CACHE[key]
 
 
-def set_task_data(train_config, data: loop.TrainingData) -> None:
+def set_task_data(train_config, data: TaskData) -> None:
   """Use ``data`` for ``train_config``'s key (in-memory tasks: benchmarks, fixtures)."""
   _DATA_CACHE[data_key(train_config)] = data
 
@@ -66,14 +66,12 @@ def _check_split(split: str) -> None:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
 
 
-def class_weights(train_config, data: loop.TrainingData) -> Optional[np.ndarray]:
+def class_weights(train_config, data: TaskData) -> Optional[np.ndarray]:
   """The balanced class weights the run trained with (they enter the reported loss)."""
-  if train_config.class_weights and not data.is_regression:
-    return step_lib.balanced_class_weights(data.train_labels, data.num_labels)
-  return None
+  return scoring.class_weights(train_config.class_weights, data)
 
 
-def _check_head(model_config: EncoderConfig, data: loop.TrainingData, task: str) -> None:
+def _check_head(model_config: EncoderConfig, data: TaskData, task: str) -> None:
   if model_config.num_labels != data.num_labels:
     raise ValueError(f"The model has {model_config.num_labels} labels but task {task!r} has "
                      f"{data.num_labels}; score a model with that task's head "
@@ -83,7 +81,7 @@ def _check_head(model_config: EncoderConfig, data: loop.TrainingData, task: str)
 def _eval_step(model_config: EncoderConfig, is_regression: bool, dtype: str):
   key = ("single", model_config, is_regression, dtype)
   if key not in _STEP_CACHE:
-    _STEP_CACHE[key] = step_lib.make_eval_step(model_config=model_config, mesh=_mesh(),
+    _STEP_CACHE[key] = scoring.make_eval_step(model_config=model_config, mesh=_mesh(),
                                                is_regression=is_regression,
                                                dtype=jnp.dtype(dtype))
   return _STEP_CACHE[key]
@@ -93,12 +91,12 @@ def evaluate(params: Mapping, model_config: EncoderConfig, train_config,
              split: str = "test") -> Dict[str, Any]:
   """Metrics of ``params`` on ``train_config.task``'s ``split`` (as in ``results.json``)."""
   _check_split(split)
-  data = task_data(train_config)
+  data = cached_task_data(train_config)
   _check_head(model_config, data, train_config.task)
   step = _eval_step(model_config, data.is_regression, train_config.dtype)
   params = sharding.replicate(params, _mesh())
-  pred = loop.predict(step, params, data.eval_batches(split), _mesh())
-  return loop.split_metrics(pred, data, class_weights(train_config, data))
+  pred = scoring.predict(step, params, data.eval_batches(split), _mesh())
+  return scoring.split_metrics(pred, data, class_weights(train_config, data))
 
 
 # --- stacked evaluation ---------------------------------------------------------------
@@ -137,7 +135,7 @@ def _unflatten_str(flat: Mapping[str, Any]) -> dict:
 def _stacked_step(model_config: EncoderConfig, is_regression: bool, dtype: str):
   """``step(varying [K,...], shared, batch) -> {"logits" [B, K, C], "loss" [B, K], ...}``.
 
-  Batch-major outputs, so ``loop.predict`` drops padding rows along axis 0 as for
+  Batch-major outputs, so ``scoring.predict`` drops padding rows along axis 0 as for
   one model.
   """
   key = ("stacked", model_config, is_regression, dtype)
@@ -152,7 +150,7 @@ def _stacked_step(model_config: EncoderConfig, is_regression: bool, dtype: str):
       out = model_apply(params, batch, config=model_config, train=False,
                         dtype=jnp.dtype(dtype), logits_only=True)
       logits = out["logits"].astype(jnp.float32)
-      return logits, step_lib.per_example_loss(logits, batch["labels"], is_regression)
+      return logits, losses.per_example_loss(logits, batch["labels"], is_regression)
     logits, loss = jax.vmap(one)(varying)                       # [K, B, C], [K, B]
     return {"logits": jnp.swapaxes(logits, 0, 1), "loss": jnp.swapaxes(loss, 0, 1),
             "labels": batch["labels"], "weights": batch["weights"]}
@@ -178,7 +176,7 @@ def evaluate_stacked(params_list: Sequence[Mapping], model_config: EncoderConfig
     raise ValueError("evaluate_stacked: no parameter trees given.")
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"evaluate_stacked: chunk_size must be >= 1 or None, got {chunk_size}.")
-  data = task_data(train_config)
+  data = cached_task_data(train_config)
   _check_head(model_config, data, train_config.task)
   cw = class_weights(train_config, data)
   step = _stacked_step(model_config, data.is_regression, train_config.dtype)
@@ -197,10 +195,10 @@ def evaluate_stacked(params_list: Sequence[Mapping], model_config: EncoderConfig
       continue
     shared = sharding.replicate(shared, mesh)
     varying = sharding.replicate(varying, mesh)
-    pred = loop.predict(lambda v, batch: step(v, shared, batch), varying,
+    pred = scoring.predict(lambda v, batch: step(v, shared, batch), varying,
                         data.eval_batches(split), mesh)
     for k in range(len(chunk)):
       one = {"logits": pred["logits"][:, k], "loss": pred["loss"][:, k],
              "labels": pred["labels"], "weights": pred["weights"]}
-      out.append(loop.split_metrics(one, data, cw))
+      out.append(scoring.split_metrics(one, data, cw))
   return out
