@@ -201,6 +201,29 @@ class PermutationTest(absltest.TestCase):
     self.assertAlmostEqual(res.p_value, 1 / 120)       # the one increasing order of five
 
 
+class MergeStudyEvidenceTest(absltest.TestCase):
+
+  def test_table3_and_cosine_vs_l2_from_a_pairs_document(self):
+    rng = np.random.default_rng(7)
+    t = 8
+    cos = _points_distance(rng.normal(size=(t, 3)))
+    l2 = _points_distance(rng.normal(size=(t, 3)))
+    delta = cos + 0.01 * rng.normal(size=(t, t))
+    np.fill_diagonal(delta, np.nan)
+    from tvgeo_jax import interference
+    pairs = {"delta": delta.tolist(),
+             "distances": {"query": {"cos": cos.tolist(), "l2": l2.tolist()}},
+             "spearman": {"query": interference.spearman_table(delta, {"cos": cos, "l2": l2})}}
+    tests = ev.table3_evidence(pairs, n_permutations=499)
+    self.assertAlmostEqual(tests["query"]["cos"].statistic,
+                           pairs["spearman"]["query"]["cos"]["mean"])
+    self.assertLess(tests["query"]["cos"].p_value, 0.01)
+    self.assertGreater(tests["query"]["l2"].p_value, 0.01)
+    beats = ev.metric_beats(pairs, "query")
+    self.assertLess(beats.p_value, 0.01)
+    self.assertEqual(beats.n_permutations, 2 ** t)
+
+
 class ChanceRuleTest(absltest.TestCase):
 
   def _constant_scores(self, counts, metric, cls):
@@ -220,6 +243,11 @@ class ChanceRuleTest(absltest.TestCase):
       best = max(self._constant_scores(counts, metric, c) for c in range(len(counts)))
       self.assertAlmostEqual(ev.chance_level(metric, counts), best, msg=(metric, counts))
     np.testing.assert_array_equal(ev.label_counts([0, 1, 1, 2], 4), [1, 2, 1, 0])
+    from tvgeo_jax.data import get_task
+    cola, mrpc = get_task("synth_cola"), get_task("synth_mrpc")
+    self.assertEqual(ev.task_chance_level(cola, [0, 1, 1]), 0.0)          # MCC
+    self.assertAlmostEqual(ev.task_chance_level(mrpc, [0, 1, 1, 1]),
+                           ev.chance_level(mrpc.main_metric, [1, 3]))
 
   def test_near_chance_lists_models_within_five_points(self):
     chance = {"sst2": 0.5, "cola": 0.0, "mrpc": 2 * 0.68 / 1.68, "rte": 0.5}

@@ -377,6 +377,30 @@ def sign_conflict_trend(per_n: Mapping[str, Mapping[str, float]],
                     "Spearman ρ(n task vectors, conflict share)", n_permutations, seed)
 
 
+def table3_evidence(pairs: Mapping[str, Any], columns: Optional[Sequence[str]] = None,
+                    n_permutations: Union[int, float] = DEFAULT_PERMUTATIONS,
+                    seed: Optional[int] = 0) -> Dict[str, Dict[str, PermutationResult]]:
+  """``table3_test`` of every module and distance column of a merge study's
+  ``pairs_{method}.json`` document (``delta``, ``distances: {module: {column: [T, T]}}``),
+  e.g. ``columns=("l2", "cos", "d_G", "cos 5+")`` (default: all)."""
+  delta = np.asarray(pairs["delta"], np.float64)
+  out: Dict[str, Dict[str, PermutationResult]] = {}
+  for module, cols in pairs["distances"].items():
+    out[module] = {c: table3_test(delta, np.asarray(cols[c], np.float64), n_permutations, seed)
+                   for c in (columns or cols) if c in cols}
+  return out
+
+
+def metric_beats(pairs: Mapping[str, Any], module: str, better: str = "cos", worse: str = "l2",
+                 n_permutations: Union[int, float] = DEFAULT_PERMUTATIONS,
+                 seed: Optional[int] = 0) -> PermutationResult:
+  """"``better`` correlates with δ more than ``worse``" (paper A: cosine vs L2) as
+  ``paired_test`` of the per-task ρ of a ``pairs_{method}.json``'s ``spearman`` tables."""
+  table = pairs["spearman"][module]
+  return paired_test(table[better]["per_task"], table[worse]["per_task"],
+                     f"mean ρ_{better} − ρ_{worse} ({module})", n_permutations, seed)
+
+
 # --- chance levels and the "not evaluated" rule ------------------------------------------
 
 def label_counts(labels, num_classes: int) -> np.ndarray:
@@ -408,6 +432,14 @@ def chance_level(metric: str, class_counts) -> float:
   if metric in ("f1", "f1_macro"):
     return float(np.max(2 * p / (1 + p)) / p.size)
   raise ValueError(f"No chance level for metric {metric!r}.")
+
+
+def task_chance_level(spec, test_labels) -> float:
+  """``chance_level`` of a task's main metric (``spec``: a ``data.TaskSpec``) from the
+  labels of its test split (regression tasks: 0)."""
+  if spec.is_regression:
+    return 0.0
+  return chance_level(spec.main_metric, label_counts(test_labels, spec.num_labels))
 
 
 def near_chance(scores: Mapping[str, float], chance: Mapping[str, float],
