@@ -101,7 +101,8 @@ class PermutationTest(absltest.TestCase):
     rng = np.random.default_rng(1)
     names = ["sst2", "yelp", "imdb", "mnli", "snli", "qnli", "rte", "mrpc", "cola", "qqp"]
     d = _points_distance(rng.normal(size=(10, 4)))
-    fams = [next((g for g, m in findings.GROUPS.items() if n in m), None) for n in names]
+    fams = ev.paper_families(names)
+    self.assertEqual(ev.paper_families(["synth_sst2#2", "synth_cola"]), ["sentiment", None])
     res = ev.grouping_test(d, fams, n_permutations=99)
     self.assertAlmostEqual(res.statistic, findings.group_agreement(d, names)["share"])
 

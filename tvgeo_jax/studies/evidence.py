@@ -54,6 +54,16 @@ def task_of(name: str) -> str:
   return str(name).split("#")[0]
 
 
+def paper_families(names: Sequence[str], groups: Optional[Mapping[str, Sequence[str]]] = None
+                   ) -> List[Optional[str]]:
+  """Each run's family in paper A's groups (``findings.GROUPS``; ``synth_`` prefixes and
+  seed suffixes ignored), None for a task in no group."""
+  from tvgeo_jax import findings
+  groups = findings.GROUPS if groups is None else groups
+  return [next((g for g, members in groups.items() if findings.base_name(n) in members), None)
+          for n in names]
+
+
 # --- the seed noise floor ----------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
