@@ -139,13 +139,14 @@ def seed_floors(arrays: Mapping[str, Any], names: Sequence[str], quantile: float
                 ) -> Dict[str, SeedFloor]:
   """``seed_floor`` of every ``"{module}/{factor}/{metric}"`` distance ``[R, R, L]`` of a
   ``distances.npz`` (other entries, e.g. ranks and names, are skipped)."""
-  return {k: seed_floor(v, names, quantile) for k, v in arrays.items()
-          if _is_distance_key(k, v)}
+  return {k: seed_floor(arrays[k], names, quantile) for k in distance_keys(arrays)}
 
 
-def _is_distance_key(key: str, value) -> bool:
-  parts = key.split("/")
-  return len(parts) == 3 and parts[2] != "rank" and np.ndim(value) == 3
+def distance_keys(arrays: Mapping[str, Any]) -> List[str]:
+  """The ``"{module}/{factor}/{metric}"`` entries ``[R, R, L]`` of a distances.npz (not
+  ranks, names)."""
+  return [k for k, v in arrays.items() if len(k.split("/")) == 3
+          and k.split("/")[2] != "rank" and np.ndim(v) == 3]
 
 
 @dataclasses.dataclass(frozen=True)

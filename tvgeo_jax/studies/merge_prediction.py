@@ -60,17 +60,11 @@ DELTA_DEFINITION = "δ(i, j) = score_i(model_i) − score_i(merge(i, j))"
 
 # --- features -------------------------------------------------------------------------
 
-def distance_keys(arrays: Mapping[str, Any]) -> List[str]:
-  """The ``"{module}/{factor}/{metric}"`` entries ``[R, R, L]`` of a distances.npz."""
-  return [k for k, v in arrays.items() if len(k.split("/")) == 3
-          and k.split("/")[2] != "rank" and np.ndim(v) == 3]
-
-
 def geometry_features(arrays: Mapping[str, Any], names: Sequence[str],
                       seed_floor: bool = True) -> Dict[str, np.ndarray]:
   """``{feature name: [R, R]}``: per-layer distances, k+ means and seed floors (see the
   module docstring)."""
-  keys = distance_keys(arrays)
+  keys = evidence.distance_keys(arrays)
   if not keys:
     raise ValueError("No distances of the form 'module/factor/metric' [R, R, L] to build "
                      "features from.")
@@ -398,7 +392,8 @@ def aligned(arrays: Mapping[str, np.ndarray], distance_names: Sequence[str],
     raise ValueError(f"The distances and the merge study are of different runs: distances "
                      f"{sorted(distance_names)}, merges {sorted(merge_names)}.")
   order = [list(distance_names).index(n) for n in merge_names]
-  return {k: (np.asarray(v)[np.ix_(order, order)] if k in distance_keys(arrays) else v)
+  keys = set(evidence.distance_keys(arrays))
+  return {k: (np.asarray(v)[np.ix_(order, order)] if k in keys else v)
           for k, v in arrays.items()}
 
 
