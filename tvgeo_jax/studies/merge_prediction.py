@@ -257,8 +257,8 @@ def leave_one_task_out(delta, features: Mapping[str, np.ndarray], names: Sequenc
                         "num_pairs": int(test.sum()), "info": info}
   measured = np.full((r, r), np.nan)
   measured[i, j] = y
-  out = {"names": list(names), "groups": groups, "tasks": tasks, "num_pairs": int(len(y)), "features": kept,
-         "dropped_features": dropped, "predictors": {}, "measured": measured,
+  out = {"names": list(names), "groups": groups, "tasks": tasks, "num_pairs": int(len(y)),
+         "features": kept, "dropped_features": dropped, "predictors": {}, "measured": measured,
          "predicted": predicted}
   for p in predictors:
     rhos = [v["spearman"] for v in per_task[p].values()]
