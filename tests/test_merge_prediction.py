@@ -178,6 +178,9 @@ class LeaveOneTaskOutTest(absltest.TestCase):
     per = res["predictors"]["best_feature"]["per_task"]
     self.assertEqual({v["num_pairs"] for v in per.values()}, {2 * 6})
     self.assertTrue(np.isnan(res["predicted"]["best_feature"][0, 1]))
+    with self.assertRaisesRegex(ValueError, "at least 4 tasks"):
+      mp.leave_one_task_out(delta[:6, :6], mp.geometry_features(
+          {k: v[:6, :6] for k, v in arrays.items()}, names[:6]), names[:6])
 
 
 def _write_study(root, t=8, seed=5):

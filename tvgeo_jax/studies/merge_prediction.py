@@ -98,8 +98,9 @@ def scored_pairs(names: Sequence[str], delta, groups: Optional[Sequence[str]] = 
   if delta.shape != (r, r):
     raise ValueError(f"δ has shape {delta.shape}; expected [{r}, {r}] for the runs {list(names)}.")
   groups = [evidence.task_of(n) for n in names] if groups is None else list(groups)
-  if len(set(groups)) < 3:
-    raise ValueError(f"Leave-one-task-out needs at least 3 tasks, got {sorted(set(groups))}.")
+  if len(set(groups)) < 4:
+    raise ValueError(f"Leave-one-task-out needs at least 4 tasks (the pairs of 3 to fit on), "
+                     f"got {sorted(set(groups))}.")
   i, j = np.nonzero(~np.eye(r, dtype=bool))
   keep = np.array([groups[a] != groups[b] for a, b in zip(i, j)], bool) & np.isfinite(delta[i, j])
   return i[keep], j[keep], groups
@@ -246,7 +247,7 @@ def leave_one_task_out(delta, features: Mapping[str, np.ndarray], names: Sequenc
   for g in tasks:
     test = gi == g
     train = (gi != g) & (gj != g)
-    if not test.any() or train.sum() < 3:
+    if not test.any() or not train.any():
       continue
     for p in predictors:
       pred, info = PREDICTORS[p](x[train], y[train], x[test], kept, seed,
