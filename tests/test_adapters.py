@@ -6,7 +6,7 @@ import optax
 import scipy.stats
 from absl.testing import absltest, parameterized
 
-from tvgeo_jax.adapters import bottleneck, partition
+from tvgeo_jax.adapters import bottleneck, leaves, partition
 from tvgeo_jax.core import trees
 from tvgeo_jax.models import apply, init_params, tiny_config
 
@@ -37,7 +37,7 @@ class AdaptersTest(parameterized.TestCase):
   def test_zero_up_weights_give_exactly_the_base_model(self):
     p = bottleneck.inject_bottleneck(self.params, self.config, size=8, seed=3)
     for i in range(self.config.num_hidden_layers):
-      for name in bottleneck.ADAPTER_NAMES:
+      for name in leaves.ADAPTER_NAMES:
         up = p["encoder"][f"layer_{i}"][name]["up"]
         up["kernel"] = np.zeros_like(up["kernel"])
     base, injected = self._forward(self.params), self._forward(p)

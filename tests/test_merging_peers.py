@@ -21,6 +21,7 @@ from peft.utils import merge_utils
 from tvgeo_jax.adapters import lora, peft_io
 from tvgeo_jax.studies import merge_study
 from tvgeo_jax import merging
+from tvgeo_jax.vectors import inputs
 from tvgeo_jax.core import trees
 from tvgeo_jax.models import Encoder, make_apply, save_pretrained, tiny_config
 
@@ -75,7 +76,7 @@ def _close(got, want, atol=1e-5):
 
 def _effective(tree, path):
   """The kernel the forward pass sees (LoRA update folded in)."""
-  return np.asarray(merging.inputs.effective_leaf(tree, path), np.float64)
+  return np.asarray(inputs.effective_leaf(tree, path), np.float64)
 
 
 def _rank(x):

@@ -50,25 +50,30 @@ class FullTaskVectorTest(parameterized.TestCase):
     cls.fts = [_perturb(cls.base, s) for s in (1, 2)]
 
   def test_tree_difference(self):
-    d = tv.task_vector(self.fts[0], self.base)
+    """Base first; the body leaves (heads are never part of a task vector)."""
+    d = tv.task_vector(self.base, self.fts[0])
     flat_d, flat_ft, flat_b = (trees.flatten(t) for t in (d, self.fts[0], self.base))
-    self.assertEqual(set(flat_d), set(flat_b))
-    for p in flat_b:
+    self.assertEqual(set(flat_d), {p for p in flat_b if p[0] != "classifier"})
+    for p in flat_d:
       np.testing.assert_allclose(np.asarray(flat_d[p]),
                                  flat_ft[p].astype(np.float64) - flat_b[p], atol=1e-6)
 
   def test_mismatches_are_named(self):
     bad = trees.flatten(self.fts[0])
-    bad[("classifier", "out_proj", "kernel")] = np.zeros((H, 5), np.float32)
-    with self.assertRaisesRegex(ValueError, r"classifier/out_proj/kernel: finetuned \(32, 5\)"):
-      tv.task_vector(trees.unflatten(bad), self.base)
-    headless = {k: v for k, v in self.fts[0].items() if k != "classifier"}
-    with self.assertRaisesRegex(ValueError, "base only: classifier/dense/bias"):
-      tv.task_vector(headless, self.base)
-    d = tv.task_vector(headless, self.base, only_shared=True)
-    self.assertNotIn("classifier", d)
-    with self.assertRaisesRegex(ValueError, "carries LoRA"):
-      tv.task_vector(_lora_tree(self.base, 0), self.base)
+    bad[("encoder", "layer_1", "value", "kernel")] = np.zeros((H, 5), np.float32)
+    with self.assertRaisesRegex(ValueError, r"encoder/layer_1/value/kernel has shape \(32, 5\)"
+                                r" in model 0 but \(32, 32\) in base"):
+      tv.task_vector(self.base, trees.unflatten(bad))
+    bodyless = {k: v for k, v in self.fts[0].items() if k != "encoder"}
+    with self.assertRaisesRegex(ValueError, "is in base only"):
+      tv.task_vector(self.base, bodyless)
+    # A LoRA tree's task vector is its update B·A on the LoRA-carrying kernels only.
+    lora_tree = _lora_tree(self.base, 0)
+    d = trees.flatten(tv.task_vector(self.base, lora_tree))
+    self.assertEqual(set(d), {p + ("kernel",) for p in lora.lora_paths(lora_tree)})
+    for p, v in d.items():
+      np.testing.assert_allclose(np.asarray(v),
+                                 lora.delta_kernel(trees.get_path(lora_tree, p[:-1])), atol=1e-6)
 
   @parameterized.parameters(*_OUT_IN)
   def test_stack_full_pairs_and_vectors(self, module):
@@ -79,7 +84,7 @@ class FullTaskVectorTest(parameterized.TestCase):
         k_ft = ft["encoder"][f"layer_{i}"][module]["kernel"].astype(np.float64)
         k_b = self.base["encoder"][f"layer_{i}"][module]["kernel"]
         np.testing.assert_allclose(np.asarray(stack[t, i]), (k_ft - k_b).T, atol=1e-6)
-    vectors = [tv.task_vector(ft, self.base) for ft in self.fts]
+    vectors = [tv.task_vector(self.base, ft) for ft in self.fts]
     np.testing.assert_allclose(np.asarray(tv.stack_full(vectors, module)), np.asarray(stack),
                                atol=0)
 
@@ -158,7 +163,7 @@ class AdapterTaskVectorTest(absltest.TestCase):
     w = tv.adapter_weights(models[0])
     self.assertEqual(set(w["encoder"]["layer_0"]), {"attention_adapter", "output_adapter"})
     self.assertNotIn("query", w["encoder"]["layer_0"])
-    d = tv.task_vector(models[0], base)  # frozen backbone: zero; adapters whole
+    d = tv.task_vector(base, models[0])  # frozen backbone: zero; adapters whole
     np.testing.assert_array_equal(
         np.asarray(d["encoder"]["layer_1"]["output_adapter"]["up"]["kernel"]),
         models[0]["encoder"]["layer_1"]["output_adapter"]["up"]["kernel"])

@@ -23,16 +23,9 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 
+from tvgeo_jax.adapters.leaves import is_adapter_path
 from tvgeo_jax.core import trees
 from tvgeo_jax.models.config import EncoderConfig
-
-ADAPTER_NAMES = ("attention_adapter", "output_adapter")
-
-
-def is_adapter_path(path) -> bool:
-  """True for leaves under ``attention_adapter`` / ``output_adapter``."""
-  return any(p in ADAPTER_NAMES for p in path)
-
 
 def has_adapters(params: Mapping) -> bool:
   """True if any layer of ``params`` carries a bottleneck adapter."""

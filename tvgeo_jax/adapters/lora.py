@@ -32,13 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tvgeo_jax.adapters.leaves import LORA_LEAVES
 from tvgeo_jax.adapters import partition
 from tvgeo_jax.core import trees
 
 Path = Tuple[str, ...]
 Targets = Union[str, Sequence[str], Callable[[Path], bool]]
 
-LORA_LEAVES = ("lora_a", "lora_b", "lora_scale")
 INITS = ("peft", "gaussian")
 
 
@@ -188,6 +188,13 @@ def delta_kernel(module: Mapping) -> jax.Array:
   """``scale · lora_a @ lora_b``: the LoRA update of one module, Flax layout (in, out)."""
   return module["lora_scale"] * jnp.matmul(module["lora_a"], module["lora_b"],
                                            precision=jax.lax.Precision.HIGHEST)
+
+
+def effective_kernel(module: Mapping) -> jax.Array:
+  """A module's kernel as the forward pass sees it (Flax layout (in, out), float32):
+  ``W + scale·A·B`` when the module carries LoRA factors, ``W`` otherwise."""
+  kernel = jnp.asarray(module["kernel"], jnp.float32)
+  return kernel + delta_kernel(module) if "lora_a" in module else kernel
 
 
 def merge_lora(params: Mapping) -> dict:

@@ -14,25 +14,21 @@ from __future__ import annotations
 
 from typing import Mapping, Tuple
 
+from tvgeo_jax.adapters.leaves import LORA_LEAVES, is_head
 from tvgeo_jax.core import trees
 
 METHODS = ("full", "lora", "bottleneck")
-HEAD_MODULES = ("classifier", "pooler", "mlm_head")
 # Heads trained alongside LoRA factors: peft's modules_to_save for SEQ_CLS.
 LORA_HEAD_MODULES = ("classifier",)
-
-
-def _is_head(path) -> bool:
-  return path[0] in HEAD_MODULES
 
 
 def is_trainable(path, method: str) -> bool:
   if method == "full":
     return True
   if method == "lora":
-    return path[0] in LORA_HEAD_MODULES or path[-1] in ("lora_a", "lora_b")
+    return path[0] in LORA_HEAD_MODULES or path[-1] in LORA_LEAVES[:2]
   if method == "bottleneck":
-    return (_is_head(path) or any(p.endswith("_adapter") for p in path)
+    return (is_head(path) or any(p.endswith("_adapter") for p in path)
             or any(p.endswith("layer_norm") for p in path))
   raise ValueError(f"Unknown fine-tuning method {method!r}; choose one of {METHODS}.")
 

@@ -7,17 +7,18 @@ task-vector merges (``task_arithmetic``, ``ties``; drop-then-combine ``dare``,
 singular-basis ``tsv_merge``, ``iso_c``, ``knots`` in ``spectral``) map parameter
 trees to a parameter tree. Heads are never merged: the
 result carries the head of ``head_from`` (default the first model), or swap it
-with ``with_head``. Leaf selection, LoRA handling and checks: ``inputs``.
+with ``with_head``. Task vectors (``task_vector(base, finetuned)``), leaf selection, LoRA
+handling and checks live in ``tvgeo_jax.vectors``; they are re-exported here.
 """
 from tvgeo_jax.merging.analysis import sign_conflict_share
 from tvgeo_jax.merging.averaging import (lora_factor_average, lora_product_average,
                                          weight_average)
-from tvgeo_jax.merging.inputs import with_head
+from tvgeo_jax.vectors.inputs import with_head
 from tvgeo_jax.merging.sparsify import (breadcrumbs, dare, dare_ties, della,
                                         drop_and_combine, magnitude_prune)
 from tvgeo_jax.merging.spectral import iso_c, knots, tsv_merge
-from tvgeo_jax.merging.task_vectors import (apply_task_vector, task_arithmetic, task_vector,
-                                            task_vectors)
+from tvgeo_jax.merging.arithmetic import task_arithmetic
+from tvgeo_jax.vectors.task_vectors import apply_task_vector, task_vector, task_vectors
 from tvgeo_jax.merging.ties import keep_top_k, kth_largest_magnitude, ties
 
 __all__ = ["weight_average", "lora_factor_average", "lora_product_average",

@@ -21,8 +21,8 @@ import numpy as np
 
 from tvgeo_jax.adapters import lora
 from tvgeo_jax.core import trees
-from tvgeo_jax.merging import inputs
-from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path
+from tvgeo_jax.vectors import inputs
+from tvgeo_jax.vectors.inputs import HeadFrom, Modules, Path
 
 
 def weight_average(models: Sequence[Mapping], weights: Optional[Sequence[float]] = None, *,

@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvgeo_jax.core import trees
-from tvgeo_jax.merging import inputs
+from tvgeo_jax.vectors import inputs
 from tvgeo_jax.merging.averaging import factor_modules
-from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path
-from tvgeo_jax.merging.task_vectors import TaskVectors
+from tvgeo_jax.vectors.inputs import HeadFrom, Modules, Path
+from tvgeo_jax.vectors.task_vectors import TaskVectors
 from tvgeo_jax.merging.ties import (GRANULARITIES, SIGN_RULES, ZERO_SIGNS, _check_choice,
                                     check_density, elect_sign, global_threshold, top_k_mask)
 

@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvgeo_jax.core import trees
-from tvgeo_jax.merging import inputs, sparsify, task_vectors, ties
-from tvgeo_jax.merging.inputs import HeadFrom, Modules
-from tvgeo_jax.merging.task_vectors import TaskVectors
+from tvgeo_jax.merging import arithmetic, sparsify, ties
+from tvgeo_jax.vectors import inputs
+from tvgeo_jax.vectors.inputs import HeadFrom, Modules
+from tvgeo_jax.vectors.task_vectors import TaskVectors
 
 # The inner merges of KnOTS and the options each takes.
 KNOTS_MERGES = {"ties": ("k", "granularity", "sign_rule", "zero_sign"),
@@ -129,7 +130,7 @@ def knots(base: Mapping, models: Sequence[Mapping], inner: str = "ties", lam=1.0
     raise ValueError(f"{what}: inner={inner!r} takes no option(s) {bad}; it takes "
                      f"{list(KNOTS_MERGES[inner])}.")
   merge_fn = {"ties": ties.ties, "dare_ties": sparsify.dare_ties,
-              "task_arithmetic": task_vectors.task_arithmetic}[inner]
+              "task_arithmetic": arithmetic.task_arithmetic}[inner]
   tv = TaskVectors(base, models, modules, what)
   bases, coefs = {}, [dict() for _ in range(len(tv))]
   for p in tv.paths:

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvgeo_jax.core import trees
-from tvgeo_jax.merging import inputs
-from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path
-from tvgeo_jax.merging.task_vectors import TaskVectors
+from tvgeo_jax.vectors import inputs
+from tvgeo_jax.vectors.inputs import HeadFrom, Modules, Path
+from tvgeo_jax.vectors.task_vectors import TaskVectors
 
 GRANULARITIES = ("global", "per_tensor")
 SIGN_RULES = ("mass", "frequency")
@@ -166,7 +166,7 @@ def ties(base: Mapping, models: Sequence[Mapping], k: float = 0.2, lam: float = 
     sign_rule: "mass" (sign of the sum) or "frequency" (sign of the sum of signs).
     zero_sign: an elected sign of 0 becomes the sign of the sum of all elected
       signs ("majority", original TIES) or +1 ("positive", peft).
-    modules: leaf selection (see ``tvgeo_jax.merging.inputs``).
+    modules: leaf selection (see ``tvgeo_jax.vectors.inputs``).
     head_from: index of the model (or a tree) whose head the result carries.
   """
   what = "ties"

@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from tvgeo_jax.adapters import bottleneck
+from tvgeo_jax.adapters.leaves import is_adapter_path
 from tvgeo_jax.core import trees
 from tvgeo_jax.models.config import EncoderConfig
 
@@ -34,7 +34,7 @@ _ADDED_LEAVES = ("lora_a", "lora_b", "lora_scale")
 def is_base_leaf(path) -> bool:
   """True for the leaves a base model contributes (not the head, not LoRA, not adapters)."""
   return (path[0] not in _HEADS and path[-1] not in _ADDED_LEAVES
-          and not bottleneck.is_adapter_path(path))
+          and not is_adapter_path(path))
 
 
 def base_fingerprint(params: Mapping, config: EncoderConfig) -> str:

@@ -1,4 +1,11 @@
-"""Task vectors of fine-tuned models and per-layer stacks for the geometry kernels.
+"""Task vectors ``τ_t = θ_t − θ_0`` (base first, always) and per-layer stacks for the
+geometry kernels.
+
+``task_vector(base, finetuned)`` / ``TaskVectors`` are the one definition every merge and
+study uses: the body leaves (heads are never part of a task vector), LoRA-carrying
+kernels as their update ``ΔW = scale·A·B`` (Flax layout ``(in, out)``; the other leaves
+of a LoRA model are frozen, so they are not part of it), bottleneck-adapter leaves whole
+(the base has none: they start from zero).
 
 Layout convention (BUILD_NOTES.md, "Geometry convention"): everything returned
 here is in the **paper's / PyTorch layout**, not Flax's:
@@ -25,7 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvgeo_jax.adapters import bottleneck, lora
+from tvgeo_jax.adapters.leaves import is_adapter_path, is_head
 from tvgeo_jax.core import trees
+from tvgeo_jax.vectors import inputs
+from tvgeo_jax.vectors.inputs import HeadFrom, Modules
 
 Path = Tuple[str, ...]
 MODULES = ("query", "key", "value", "attention_output", "intermediate", "output")
@@ -37,46 +47,72 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 Model = Union[Mapping, Tuple[Mapping, Mapping]]
 
 
-def task_vector(finetuned: Mapping, base: Mapping, *, only_shared: bool = False) -> dict:
-  """``finetuned − base`` leaf by leaf (full fine-tuning; also bottleneck adapters).
+class TaskVectors:
+  """The selected task-vector leaves of several models, computed on demand.
 
-  Adapter leaves (under ``*_adapter``) that only ``finetuned`` has are taken
-  whole (their base value is zero). Any other path present in one tree only is
-  an error naming it, unless ``only_shared=True`` (then it is dropped, e.g. a
-  head the base does not have). For LoRA trees use ``lora_task_vector`` or
-  ``task_vector(lora.merge_lora(finetuned), base)``.
-
-  Raises:
-    ValueError: LoRA leaves in either tree; paths present in one tree only
-      (without ``only_shared``); leaves whose shapes differ (all named).
+  Holds no copy: ``leaf(t, path)`` forms ``τ_t`` at one leaf, ``stack(path)`` the
+  ``[T, ...]`` stack of one leaf, so memory stays at one leaf stack at a time.
   """
-  for name, tree in (("finetuned", finetuned), ("base", base)):
-    if lora.has_lora(tree):
-      raise ValueError(
-          f"The {name} tree carries LoRA factors; use lora_task_vector(tree) for the "
-          "factors, or task_vector(lora.merge_lora(finetuned), base) for dense deltas.")
-  ft, b = trees.flatten(finetuned), trees.flatten(base)
-  bad = [f"{trees.path_str(p)}: finetuned {np.shape(v)} vs base {np.shape(b[p])}"
-         for p, v in ft.items() if p in b and np.shape(v) != np.shape(b[p])]
-  only_ft = [p for p in ft if p not in b and not bottleneck.is_adapter_path(p)]
-  only_base = [p for p in b if p not in ft]
-  if bad:
-    raise ValueError("Task vector of trees with different shapes (are both from the same "
-                     "base model and label count?): " + "; ".join(bad[:20]))
-  if (only_ft or only_base) and not only_shared:
-    names = ([f"finetuned only: {trees.path_str(p)}" for p in only_ft] +
-             [f"base only: {trees.path_str(p)}" for p in only_base])
-    raise ValueError("The trees hold different parameters: " + "; ".join(names[:20]) +
-                     ". Pass only_shared=True to difference the shared leaves only.")
-  out = {}
-  for p, v in ft.items():
-    if p in b:
-      out[p] = jnp.asarray(v, jnp.float32) - jnp.asarray(b[p], jnp.float32)
-    elif bottleneck.is_adapter_path(p):
-      out[p] = jnp.asarray(v, jnp.float32)
-  if not out:
-    raise ValueError("The two trees share no parameters; nothing to difference.")
-  return trees.unflatten(out)
+
+  def __init__(self, base: Mapping, models: Sequence[Mapping], modules: Modules, what: str):
+    self.models = inputs.check_inputs(models, base, what)
+    self.base = base
+    self._base_paths = set(trees.flatten(base))
+    self.paths: List[Path] = inputs.selected_paths(self.models, modules, what)
+
+  def __len__(self) -> int:
+    return len(self.models)
+
+  def base_leaf(self, path: Path) -> jnp.ndarray:
+    """The base's leaf; zeros for an adapter leaf the base does not have."""
+    if is_adapter_path(path) and path not in self._base_paths:
+      return jnp.zeros(np.shape(trees.get_path(self.models[0], path)), jnp.float32)
+    return jnp.asarray(trees.get_path(self.base, path), jnp.float32)
+
+  def leaf(self, t: int, path: Path) -> jnp.ndarray:
+    return inputs.effective_leaf(self.models[t], path) - self.base_leaf(path)
+
+  def stack(self, path: Path) -> jnp.ndarray:
+    return jnp.stack([self.leaf(t, path) for t in range(len(self.models))])
+
+  def tree(self, t: int) -> dict:
+    return trees.unflatten({p: self.leaf(t, p) for p in self.paths})
+
+  def merged(self, replaced_delta: Mapping[Path, jnp.ndarray], models: Sequence[Mapping],
+             head_from: HeadFrom) -> dict:
+    """``θ_0 + delta`` on the given leaves, the base elsewhere, the chosen head."""
+    replaced = {p: self.base_leaf(p) + d for p, d in replaced_delta.items()}
+    return inputs.assemble(self.base, replaced, inputs.head_tree(models, head_from))
+
+
+def task_vectors(base: Mapping, models: Sequence[Mapping], *, modules: Modules = None
+                 ) -> List[dict]:
+  """``[τ_t]``: each a tree of the selected leaves (the same leaves for every model)."""
+  tv = TaskVectors(base, models, modules, "task_vectors")
+  return [tv.tree(t) for t in range(len(tv))]
+
+
+def task_vector(base: Mapping, model: Mapping, *, modules: Modules = None) -> dict:
+  """``τ = θ − θ_0`` on the selected body leaves (LoRA kernels: ``ΔW = scale·A·B``;
+  adapter leaves whole). Raises on trees of different architectures or, for LoRA,
+  different frozen bases (``vectors.inputs.check_inputs``)."""
+  return task_vectors(base, [model], modules=modules)[0]
+
+
+def apply_task_vector(base: Mapping, tau: Mapping, lam: float = 1.0, *,
+                      head_from: Optional[Mapping] = None) -> dict:
+  """``θ_0 + λ·τ`` on τ's leaves; the head of ``head_from`` (default: the base's)."""
+  base_flat = trees.flatten(base)
+  replaced = {}
+  for p, v in trees.flatten(tau).items():
+    if p not in base_flat or is_head(p):
+      raise ValueError(f"apply_task_vector: {trees.path_str(p)} is not a body leaf of the base.")
+    if jnp.shape(v) != jnp.shape(base_flat[p]):
+      raise ValueError(f"apply_task_vector: {trees.path_str(p)} has shape {jnp.shape(v)} in "
+                       f"the task vector but {jnp.shape(base_flat[p])} in the base.")
+    replaced[p] = jnp.asarray(base_flat[p], jnp.float32) + float(lam) * jnp.asarray(v)
+  head = inputs.head_tree([base], 0 if head_from is None else head_from)
+  return inputs.assemble(base, replaced, head)
 
 
 def adapter_weights(params: Mapping) -> dict:
@@ -158,7 +194,7 @@ def lora_task_vector(params: Mapping, products: bool = False) -> Dict[str, objec
   """
   paths = lora.lora_paths(params)
   if not paths:
-    raise ValueError("This tree carries no LoRA factors; use task_vector(finetuned, base).")
+    raise ValueError("This tree carries no LoRA factors; use task_vector(base, finetuned).")
   out = {}
   for p in paths:
     m = trees.get_path(params, p)
@@ -171,16 +207,13 @@ def lora_task_vector(params: Mapping, products: bool = False) -> Dict[str, objec
 def _effective_kernel(params: Mapping, layer: int, module: Path):
   """A module's kernel (in, out) with any LoRA update folded in; None if absent."""
   m = _module_dict(params, layer, module)
-  if m is None or "kernel" not in m:
-    return None
-  k = jnp.asarray(m["kernel"], jnp.float32)
-  return k + lora.delta_kernel(m) if "lora_a" in m else k
+  return None if m is None or "kernel" not in m else lora.effective_kernel(m)
 
 
 def _delta_stack(model: Model, module: str, layers: Optional[Sequence[int]], t: int):
   """``[L, out, in]`` task vectors of one model for ``module``."""
   path = _check_module(module)
-  adapter = bottleneck.is_adapter_path(path)
+  adapter = is_adapter_path(path)
   if isinstance(model, (tuple, list)):
     if len(model) != 2:
       raise ValueError(f"Model {t}: expected a (finetuned, base) pair, got {len(model)} items.")

@@ -2,7 +2,7 @@
 
 Conventions (see BUILD_NOTES.md):
 
-* A model is a plain nested dict. Heads (top-level ``partition.HEAD_MODULES``:
+* A model is a plain nested dict. Heads (top-level ``HEAD_MODULES``:
   ``classifier``, ``pooler``, ``mlm_head``) are never merged: the merged tree takes
   the head of one model (``head_from``), normally the task being scored.
 * LoRA trees (``lora_a``, ``lora_b``, ``lora_scale`` beside a frozen ``kernel``)
@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax.adapters import lora, partition
+from tvgeo_jax.adapters import lora
+from tvgeo_jax.adapters.leaves import HEAD_MODULES, is_adapter_path, is_head, is_lora_leaf
 from tvgeo_jax.core import trees
 
 Path = Tuple[str, ...]
@@ -35,14 +36,6 @@ HeadFrom = Union[None, int, Mapping]
 # Largest |difference| tolerated between frozen leaves that must be identical
 # (the frozen base under LoRA models). Bit-identical copies give 0.
 BASE_ATOL = 1e-6
-
-
-def is_head(path: Path) -> bool:
-  return path[0] in partition.HEAD_MODULES
-
-
-def is_lora_leaf(path: Path) -> bool:
-  return path[-1] in lora.LORA_LEAVES
 
 
 def selector(modules: Modules) -> Callable[[Path], bool]:
@@ -55,7 +48,7 @@ def selector(modules: Modules) -> Callable[[Path], bool]:
   if not names or not all(isinstance(n, str) and n for n in names):
     raise ValueError(f"modules must be None, module names or a predicate on leaf paths, "
                      f"got {modules!r}.")
-  heads = [n for n in names if n.split("/")[0] in partition.HEAD_MODULES]
+  heads = [n for n in names if n.split("/")[0] in HEAD_MODULES]
   if heads:
     raise ValueError(f"Heads {heads} are never merged; each merged model takes the head of "
                      f"the task being scored (head_from=... or with_head()).")
@@ -113,8 +106,11 @@ def check_same_body(models: Sequence[Mapping], base: Optional[Mapping], what: st
       (f"model {i}", m) for i, m in enumerate(models)]
   ref_name, ref = named[0]
   ref_shapes = {p: np.shape(v) for p, v in body(ref).items()}
+  # Bottleneck adapters start from zero: a base without them still matches their models.
+  no_adapters = base is not None and not any(is_adapter_path(p) for p in ref_shapes)
   for name, tree in named[1:]:
-    shapes = {p: np.shape(v) for p, v in body(tree).items()}
+    shapes = {p: np.shape(v) for p, v in body(tree).items()
+              if not (no_adapters and is_adapter_path(p))}
     missing = sorted(set(ref_shapes) - set(shapes))
     extra = sorted(set(shapes) - set(ref_shapes))
     if missing or extra:
@@ -183,12 +179,9 @@ def selected_paths(models: Sequence[Mapping], modules: Modules, what: str) -> Li
 
 def effective_leaf(model: Mapping, path: Path) -> jnp.ndarray:
   """The leaf as the forward pass sees it: a kernel with its LoRA update folded in."""
-  leaf = jnp.asarray(trees.get_path(model, path), jnp.float32)
   if path[-1] == "kernel":
-    module = trees.get_path(model, path[:-1])
-    if "lora_a" in module:
-      leaf = leaf + lora.delta_kernel(module)
-  return leaf
+    return lora.effective_kernel(trees.get_path(model, path[:-1]))
+  return jnp.asarray(trees.get_path(model, path), jnp.float32)
 
 
 def head_tree(models: Sequence[Mapping], head_from: HeadFrom) -> Dict[Path, object]:
