@@ -31,8 +31,6 @@ from tvgeo_jax.training import runs
 from tvgeo_jax import pretraining
 from tvgeo_jax.adapters import peft_io
 from tvgeo_jax.core import hub
-from tvgeo_jax.core import trees
-from tvgeo_jax.geometry import pad_rank
 
 
 @dataclasses.dataclass
@@ -293,57 +291,22 @@ def load_pool(manifest: str, base: Optional[str] = None, with_base: bool = True,
   return kept
 
 
-def _lora_module_stack(params_list, module: str):
-  """``(A [T, L, r, in], B [T, L, out, r], ranks [T, L])``: every layer's factors zero-padded
-  to the largest rank (peft's ``rank_pattern`` and ``--lora_rank`` runs mix ranks; ``B A``,
-  its column space and ``Im(B)`` are unchanged by the padding)."""
-  import numpy as np
-  per_model = []
-  for params in params_list:
-    layers = trees.layer_indices(params)
-    per_model.append([task_vectors.lora_factors(params, module, layers=[i]) for i in layers])
-  r = max(a.shape[1] for model in per_model for a, _ in model)
-  ranks = np.asarray([[a.shape[1] for a, _ in model] for model in per_model], np.int32)
-  a_all, b_all = [], []
-  for model in per_model:
-    padded = [pad_rank(b[0], a[0], r) for a, b in model]
-    a_all.append(np.stack([np.asarray(a) for _, a in padded]))
-    b_all.append(np.stack([np.asarray(b) for b, _ in padded]))
-  shapes = {(x.shape, y.shape) for x, y in zip(a_all, b_all)}
-  if len(shapes) > 1:
-    raise ValueError(f"LoRA factors of {module!r} differ in layers or base shape across models: "
-                     f"{sorted(shapes)}; distances need adapters of one base.")
-  if len(np.unique(ranks)) == 1:
-    return np.stack(a_all), np.stack(b_all)
-  return np.stack(a_all), np.stack(b_all), ranks
-
-
 def module_stacks(sources: Sequence[Source], modules: Sequence[str],
                   kind: Optional[str] = None) -> Dict[str, object]:
-  """``{module: stack}``: LoRA ``(A, B)`` factor stacks, or dense ``ΔW [T, L, out, in]``.
-
-  ``kind`` is ``"lora"`` (all sources must carry LoRA) or ``"dense"``; by default
-  LoRA when every source carries LoRA factors, dense otherwise (LoRA trees then
-  contribute their products B·A). Adapters of different ranks (per adapter, or
-  per layer through peft's ``rank_pattern``) give ``(A, B, ranks [T, L])`` with
-  the factors zero-padded to the largest rank.
-  """
+  """``task_vectors.module_stacks`` of the sources' trees (LoRA trees as they are, other
+  models as (finetuned, base) pairs), after checking they share shapes."""
   if not sources:
     raise ValueError("No models given.")
   check_same_shapes(sources)
-  all_lora = all(lora.has_lora(s.params) for s in sources)
-  kind = kind or ("lora" if all_lora else "dense")
-  if kind == "lora":
-    if not all_lora:
-      bad = [s.path for s in sources if not lora.has_lora(s.params)]
-      raise ValueError(f"LoRA distances need LoRA models; these have none: {bad}.")
-    return {m: _lora_module_stack([s.params for s in sources], m) for m in modules}
   models = []
   for s in sources:
     if lora.has_lora(s.params):
       models.append(s.params)
+    elif kind == "lora":
+      models.append(s.params)  # refused below, with every non-LoRA path named
     elif s.base_params is None:
       raise ValueError(f"{s.path}: a dense task vector needs the base model's weights.")
     else:
       models.append((s.params, s.base_params))
-  return {m: task_vectors.stack_full(models, m) for m in modules}
+  return task_vectors.module_stacks(models, modules, kind=kind,
+                                    names=[s.path for s in sources])

@@ -34,6 +34,7 @@ import numpy as np
 from tvgeo_jax.adapters import bottleneck, lora
 from tvgeo_jax.adapters.leaves import is_adapter_path, is_head
 from tvgeo_jax.core import trees
+from tvgeo_jax.geometry.pairwise import pad_rank
 from tvgeo_jax.vectors import inputs
 from tvgeo_jax.vectors.inputs import HeadFrom, Modules
 
@@ -288,3 +289,50 @@ def stack_lora(models: Sequence[Mapping], module: str,
     raise ValueError(f"LoRA factors of {module!r} differ in shape across models (ranks or "
                      f"bases differ): {[(tuple(a.shape), tuple(b.shape)) for a, b in pairs]}.")
   return jnp.stack([a for a, _ in pairs]), jnp.stack([b for _, b in pairs])
+
+
+def padded_lora_stack(models: Sequence[Mapping], module: str):
+  """``(A [T, L, r, in], B [T, L, out, r])`` of LoRA trees whose ranks may differ (per
+  adapter, or per layer through peft's ``rank_pattern``): every layer's factors zero-padded
+  to the largest rank (``B A``, its column space and ``Im(B)`` are unchanged), plus
+  ``ranks [T, L]`` as a third element when the ranks differ."""
+  per_model = []
+  for params in models:
+    layers = trees.layer_indices(params)
+    per_model.append([lora_factors(params, module, layers=[i]) for i in layers])
+  r = max(a.shape[1] for model in per_model for a, _ in model)
+  ranks = np.asarray([[a.shape[1] for a, _ in model] for model in per_model], np.int32)
+  a_all, b_all = [], []
+  for model in per_model:
+    padded = [pad_rank(b[0], a[0], r) for a, b in model]
+    a_all.append(np.stack([np.asarray(a) for _, a in padded]))
+    b_all.append(np.stack([np.asarray(b) for b, _ in padded]))
+  shapes = {(x.shape, y.shape) for x, y in zip(a_all, b_all)}
+  if len(shapes) > 1:
+    raise ValueError(f"LoRA factors of {module!r} differ in layers or base shape across models: "
+                     f"{sorted(shapes)}; distances need adapters of one base.")
+  if len(np.unique(ranks)) == 1:
+    return np.stack(a_all), np.stack(b_all)
+  return np.stack(a_all), np.stack(b_all), ranks
+
+
+def module_stacks(models: Sequence[Model], modules: Sequence[str], kind: Optional[str] = None,
+                  names: Optional[Sequence[str]] = None) -> Dict[str, object]:
+  """``{module: stack}`` the geometry kernels take: LoRA ``(A, B)`` factor stacks
+  (``padded_lora_stack``), or dense ``ΔW [T, L, out, in]`` (``stack_full``).
+
+  ``kind`` is ``"lora"`` (every model must carry LoRA) or ``"dense"``; by default LoRA
+  when every model carries LoRA factors, dense otherwise (LoRA trees then contribute
+  their products B·A). ``names`` label the models in errors.
+  """
+  if not models:
+    raise ValueError("No models given.")
+  names = list(names) if names is not None else [f"model {t}" for t in range(len(models))]
+  is_lora = [not isinstance(m, (tuple, list)) and lora.has_lora(m) for m in models]
+  kind = kind or ("lora" if all(is_lora) else "dense")
+  if kind == "lora":
+    if not all(is_lora):
+      bad = [n for n, ok in zip(names, is_lora) if not ok]
+      raise ValueError(f"LoRA distances need LoRA models; these have none: {bad}.")
+    return {m: padded_lora_stack(models, m) for m in modules}
+  return {m: stack_full(models, m) for m in modules}
