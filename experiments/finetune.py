@@ -17,7 +17,7 @@ import re
 
 from absl import app, flags
 
-from experiments import cli, multihost
+from experiments import cli, config_flags, multihost
 from tvgeo_jax.adapters import partition
 from tvgeo_jax.training import presets
 
@@ -48,43 +48,8 @@ flags.DEFINE_list("resume_with", None,
 flags.DEFINE_string("compilation_cache", "default",
                     "XLA compilation cache directory ('default': ~/.cache/tvgeo_jax/xla; "
                     "'' disables).")
-# Hyper-parameters: None means "the preset's value".
-flags.DEFINE_integer("seed", None, "Seed (model head, adapters/LoRA init, data order, dropout).")
-flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
-flags.DEFINE_integer("batch_size", None, "Global training batch size.")
-flags.DEFINE_integer("epochs", None, "Maximum number of epochs.")
-flags.DEFINE_integer("patience", None, "Early-stopping patience in epochs (0: never stop).")
-flags.DEFINE_float("weight_decay", None, "AdamW weight decay (not on biases/LayerNorm).")
-flags.DEFINE_float("warmup_ratio", None, "Share of steps with linear warm-up.")
-flags.DEFINE_float("max_grad_norm", None, "Global gradient-norm clip (0: off).")
-flags.DEFINE_float("adam_b1", None, "AdamW beta1.")
-flags.DEFINE_float("adam_b2", None, "AdamW beta2.")
-flags.DEFINE_float("adam_eps", None, "AdamW epsilon.")
-flags.DEFINE_bool("class_weights", None, "Balanced class weights in the loss (paper D).")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_float("dropout", None, "Override the encoder's dropout probabilities.")
-flags.DEFINE_integer("lora_rank", None, "LoRA rank r.")
-flags.DEFINE_float("lora_alpha", None, "LoRA alpha (scale alpha / r).")
-flags.DEFINE_list("lora_targets", None, "Modules that get LoRA factors.")
-flags.DEFINE_integer("bottleneck_size", None, "Adapter bottleneck width (0: use the factor).")
-flags.DEFINE_integer("bottleneck_reduction_factor", None, "hidden_size / bottleneck width.")
-flags.DEFINE_integer("max_seq_len", None, "Maximum tokens per example.")
-flags.DEFINE_float("data_scale", None, "Size multiplier of synthetic tasks.")
-flags.DEFINE_string("data_dir", None, "Local copy of a real task's data (instead of the hub).")
-flags.DEFINE_string("data_revision", None, "Hub dataset revision (branch, tag or commit).")
-flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch size.")
-flags.DEFINE_integer("checkpoint_every", None, "Save the latest state every N steps.")
-flags.DEFINE_integer("log_every", None, "Log the training loss every N steps.")
-flags.DEFINE_bool("progress", None, "Show a progress bar.")
-flags.DEFINE_integer("stop_after_steps", None,
-                     "Stop (as if killed) after this many steps; for testing resumption.")
-
-HP_FLAGS = ("seed", "learning_rate", "batch_size", "epochs", "patience", "weight_decay",
-            "warmup_ratio", "max_grad_norm", "adam_b1", "adam_b2", "adam_eps",
-            "class_weights", "dtype", "dropout", "lora_rank", "lora_alpha", "lora_targets",
-            "bottleneck_size", "bottleneck_reduction_factor", "max_seq_len", "data_scale",
-            "data_dir", "eval_batch_size", "checkpoint_every", "log_every", "progress",
-            "stop_after_steps", "data_revision")
+# Hyper-parameters: one flag per TrainConfig field, None meaning "the preset's value".
+config_flags.define_train_flags()
 
 
 def default_out(config) -> str:
@@ -114,7 +79,7 @@ def main(argv):
   multihost.initialize_if_requested()
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
-  overrides = {name: FLAGS[name].value for name in HP_FLAGS}
+  overrides = config_flags.train_overrides()
   tasks = [t.strip() for t in FLAGS.task.split(",") if t.strip()]
   configs = [presets.resolve(t, FLAGS.method, FLAGS.model, FLAGS.preset, overrides)
              for t in tasks]

@@ -18,8 +18,8 @@ import os
 
 from absl import app, flags
 
-from experiments import cli
-from experiments import finetune as ft  # the training flags (one home)
+from experiments import cli, config_flags
+from experiments import finetune  # noqa: F401  (defines the training flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("reference", None, "Reference class (name or index; default 'human').")
@@ -35,7 +35,7 @@ def main(argv):
   from tvgeo_jax.training import compile_cache
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
-  overrides = {name: FLAGS[name].value for name in ft.HP_FLAGS}
+  overrides = config_flags.train_overrides()
   out = FLAGS.out or os.path.join("runs", FLAGS.task, "one_vs_rest")
   res = one_vs_rest.run_study(FLAGS.task, out, model=FLAGS.model, preset=FLAGS.preset,
                               overrides=overrides, reference=FLAGS.reference,

@@ -55,9 +55,7 @@ class StudyPreset:
   model: str
   tasks: Tuple[str, ...]
   methods: Tuple[str, ...] = ("full", "lora")
-  train_preset: str = "tiny"
-  # Overrides of the training preset, per method ("*" for all).
-  train_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  train_preset: str = "tiny"  # a preset of tvgeo_jax.training.presets (its values, all methods)
   repr_task: Optional[str] = None
   ovr_task: Optional[str] = None
   distance_top_k: int = 8
@@ -67,19 +65,12 @@ class StudyPreset:
   max_concurrent: Optional[int] = None  # tasks per concurrent fine-tuning group (None: all)
 
   def train_config(self, task: str, method: str):
-    overrides = dict(self.train_overrides.get("*", {}))
-    overrides.update(self.train_overrides.get(method, {}))
-    return presets.resolve(task, method, self.model, self.train_preset, overrides)
+    return presets.resolve(task, method, self.model, self.train_preset)
 
 
 def _offline() -> StudyPreset:
   return StudyPreset(
-      name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS),
-      train_overrides={"*": dict(epochs=5, patience=3, data_scale=0.5, max_seq_len=64,
-                                 progress=False, checkpoint_every=100000),
-                       "full": dict(learning_rate=1e-3),
-                       "lora": dict(learning_rate=5e-3),
-                       "bottleneck": dict(learning_rate=3e-3)},
+      name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS), train_preset="offline",
       repr_task="synth_mrpc", ovr_task="synth_authorship")
 
 
@@ -94,9 +85,7 @@ def _smoke() -> StudyPreset:
   their own end-to-end tests): the pipeline's plumbing in about a minute."""
   return StudyPreset(
       name="smoke", model="tiny-random", tasks=("synth_sst2", "synth_yelp", "synth_mrpc"),
-      train_overrides={"*": dict(epochs=1, patience=0, data_scale=0.1, max_seq_len=32,
-                                 batch_size=16, progress=False, checkpoint_every=100000)},
-      repr_task=None, ovr_task=None)
+      train_preset="smoke", repr_task=None, ovr_task=None)
 
 
 PRESETS: Dict[str, Callable[[], StudyPreset]] = {
@@ -265,9 +254,7 @@ class Pipeline:
   def _one_vs_rest(self):
     p = self.preset
     out = os.path.join(self.out, "one_vs_rest")
-    overrides = dict(p.train_overrides.get("*", {}))
-    res = one_vs_rest.run_study(p.ovr_task, out, model=p.model, preset=p.train_preset,
-                                overrides=overrides)
+    res = one_vs_rest.run_study(p.ovr_task, out, model=p.model, preset=p.train_preset)
     md = os.path.join(out, "one_vs_rest.md")
     if os.path.exists(md):
       with open(md) as f:

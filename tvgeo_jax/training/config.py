@@ -21,47 +21,58 @@ RESUME_IGNORED = ("checkpoint_every", "log_every", "eval_batch_size", "progress"
 RESUME_CHANGEABLE = ("learning_rate", "max_grad_norm", "weight_decay", "adam_eps", "dtype")
 
 
+def _field(default, help: str, **metadata):
+  """A TrainConfig field with its command-line help (flags are generated from these)."""
+  return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Hyper-parameters of one fine-tuning run (see ``presets`` for defaults)."""
+  """Hyper-parameters of one fine-tuning run (see ``presets`` for the named defaults).
+
+  Every field but task, method and model is also a flag of ``experiments.finetune``
+  (generated from these fields by ``experiments.config_flags``; unset flags take the
+  preset's value).
+  """
   task: str = "synth_sst2"
   method: str = "lora"
   model: str = "tiny"
-  seed: int = 0
+  seed: int = _field(0, "Seed (model head, adapters/LoRA init, data order, dropout).")
   # Optimisation.
-  learning_rate: float = 1e-4
-  batch_size: int = 20
-  epochs: int = 20
-  patience: int = 5
-  weight_decay: float = 0.01
-  warmup_ratio: float = 0.06
-  max_grad_norm: float = 1.0
-  adam_b1: float = 0.9
-  adam_b2: float = 0.999
-  adam_eps: float = 1e-8
-  class_weights: bool = False
-  dtype: str = "float32"
-  # Dropout of the encoder (hidden and attention probabilities); None keeps the model's.
-  dropout: Optional[float] = None
+  learning_rate: float = _field(1e-4, "Peak learning rate.")
+  batch_size: int = _field(20, "Global training batch size.")
+  epochs: int = _field(20, "Maximum number of epochs.")
+  patience: int = _field(5, "Early-stopping patience in epochs (0: never stop).")
+  weight_decay: float = _field(0.01, "AdamW weight decay (not on biases/LayerNorm).")
+  warmup_ratio: float = _field(0.06, "Share of steps with linear warm-up.")
+  max_grad_norm: float = _field(1.0, "Global gradient-norm clip (0: off).")
+  adam_b1: float = _field(0.9, "AdamW beta1.")
+  adam_b2: float = _field(0.999, "AdamW beta2.")
+  adam_eps: float = _field(1e-8, "AdamW epsilon.")
+  class_weights: bool = _field(False, "Balanced class weights in the loss (paper D).")
+  dtype: str = _field("float32", "Compute dtype.", choices=DTYPES)
+  dropout: Optional[float] = _field(
+      None, "Override the encoder's dropout probabilities (hidden and attention).")
   # LoRA.
-  lora_rank: int = 8
-  lora_alpha: float = 16.0
-  lora_targets: Tuple[str, ...] = ("query", "value")
+  lora_rank: int = _field(8, "LoRA rank r.")
+  lora_alpha: float = _field(16.0, "LoRA alpha (scale alpha / r).")
+  lora_targets: Tuple[str, ...] = _field(("query", "value"), "Modules that get LoRA factors.")
   # Bottleneck adapters: a size, or hidden_size // reduction_factor when size is 0.
-  bottleneck_size: int = 0
-  bottleneck_reduction_factor: int = 16
+  bottleneck_size: int = _field(0, "Adapter bottleneck width (0: use the factor).")
+  bottleneck_reduction_factor: int = _field(16, "hidden_size / bottleneck width.")
   # Data.
-  max_seq_len: int = 128
-  data_scale: float = 1.0
-  data_dir: Optional[str] = None
-  # Hub dataset revision (branch, tag or commit) of a real task; None: the default branch.
-  data_revision: Optional[str] = None
+  max_seq_len: int = _field(128, "Maximum tokens per example.")
+  data_scale: float = _field(1.0, "Size multiplier of synthetic tasks.")
+  data_dir: Optional[str] = _field(None, "Local copy of a real task's data (instead of the hub).")
+  data_revision: Optional[str] = _field(
+      None, "Hub dataset revision (branch, tag or commit) of a real task; default branch if unset.")
   # Book-keeping (RESUME_IGNORED).
-  eval_batch_size: int = 64
-  checkpoint_every: int = 200
-  log_every: int = 10
-  progress: bool = True
-  stop_after_steps: int = 0
+  eval_batch_size: int = _field(64, "Evaluation batch size.")
+  checkpoint_every: int = _field(200, "Save the latest state every N steps.")
+  log_every: int = _field(10, "Log the training loss every N steps.")
+  progress: bool = _field(True, "Show a progress bar.")
+  stop_after_steps: int = _field(
+      0, "Stop (as if killed) after this many steps; for testing resumption.")
 
   def __post_init__(self):
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))

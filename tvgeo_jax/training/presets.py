@@ -1,46 +1,67 @@
-"""Hyper-parameter presets: named defaults that every flag can override.
+"""Hyper-parameter presets: named defaults, as data, each naming its parent.
+
+A preset's values are its parent's with its own on top (``values`` for every method,
+then ``methods[method]``); the root is ``TrainConfig``'s own field defaults, which are
+paper A's common recipe. Every flag overrides the resolved value.
 
 * ``paper``: paper A's recipe (roberta-base, GLUE): full FT lr 2e-5, LoRA r=8
   alpha=16 on query+value with lr 1e-4, batch 20, up to 20 epochs, early stopping
   on validation loss with patience 5, AdamW. The paper is silent on warm-up,
   weight decay and clipping; we use the usual RoBERTa GLUE values (6% linear
   warm-up, decay 0.01, clip 1.0). Bottleneck adapters use Houlsby's lr 1e-4.
-* ``tiny``: the offline CPU default for the built-in tiny bases (``tiny``/``embedded``,
+* ``tiny``: the CPU default for the built-in tiny bases (``tiny``/``embedded``,
   ``tiny-random``) and the synthetic suite: a 64-wide model takes larger steps (full
-  FT 1e-3, LoRA and adapters 3e-3), batch 32, up to 15 epochs with patience 5 (LoRA: 40 and 10),
-  sequences up to 64 tokens.
+  FT 1e-3, LoRA and adapters 3e-3), batch 32, up to 15 epochs with patience 5 (LoRA:
+  40 and 10), sequences up to 64 tokens.
+* ``offline`` and ``smoke``: what the offline study and its smoke test train with
+  (``experiments.reproduce --preset=offline|smoke``), shorter versions of ``tiny``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Mapping, Optional
 
-from tvgeo_jax.training.config import TrainConfig
 from tvgeo_jax.models import names
+from tvgeo_jax.training.config import TrainConfig
 
-_COMMON_PAPER = dict(batch_size=20, epochs=20, patience=5, weight_decay=0.01,
-                     warmup_ratio=0.06, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
-                     lora_targets=("query", "value"), max_seq_len=128)
-_COMMON_TINY = dict(batch_size=32, epochs=15, patience=5, weight_decay=0.01,
-                    warmup_ratio=0.1, max_grad_norm=1.0, lora_rank=8, lora_alpha=16.0,
-                    lora_targets=("query", "value"), max_seq_len=64)
 
-PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
-    "paper": {
-        "full": dict(_COMMON_PAPER, learning_rate=2e-5),
-        "lora": dict(_COMMON_PAPER, learning_rate=1e-4),
-        "bottleneck": dict(_COMMON_PAPER, learning_rate=1e-4),
-    },
-    "tiny": {
-        # On the pretrained tiny base, full FT at 3e-3 wipes out what pretraining learnt
-        # (synth_sst2: 0.53); 1e-3 reaches 1.00 and 3e-4 0.92 in 15 epochs.
-        "full": dict(_COMMON_TINY, learning_rate=1e-3),
-        # LoRA moves through a low-rank window into a small base: it needs more steps than
-        # full FT at the same lr (synth_sst2 on the tiny base: 0.63 after 15 epochs, 0.84
-        # after 40), and higher lr diverges (5e-3 and 1e-2 stay at chance).
-        "lora": dict(_COMMON_TINY, learning_rate=3e-3, epochs=40, patience=10),
-        "bottleneck": dict(_COMMON_TINY, learning_rate=3e-3),
-    },
-}
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  name: str
+  parent: Optional[str]
+  values: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # every method
+  methods: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+# Study runs: no progress bars (the study has its own) and no mid-epoch checkpoints
+# (runs are a few hundred steps; each epoch end is checkpointed).
+_QUIET = dict(progress=False, checkpoint_every=100000)
+
+_PRESETS = (
+    Preset("paper", None, methods={
+        "full": dict(learning_rate=2e-5),
+        "lora": dict(learning_rate=1e-4),
+        "bottleneck": dict(learning_rate=1e-4)}),
+    Preset("tiny", "paper",
+           values=dict(batch_size=32, epochs=15, warmup_ratio=0.1, max_seq_len=64),
+           methods={
+               # On the pretrained tiny base, full FT at 3e-3 wipes out what pretraining
+               # learnt (synth_sst2: 0.53); 1e-3 reaches 1.00 and 3e-4 0.92 in 15 epochs.
+               "full": dict(learning_rate=1e-3),
+               # LoRA moves through a low-rank window into a small base: it needs more
+               # steps than full FT at the same lr (synth_sst2 on the tiny base: 0.63 after
+               # 15 epochs, 0.84 after 40), and higher lr diverges (5e-3 and 1e-2 stay at
+               # chance).
+               "lora": dict(learning_rate=3e-3, epochs=40, patience=10),
+               "bottleneck": dict(learning_rate=3e-3)}),
+    # The offline study's budget (issue 19 sets these from measurements).
+    Preset("offline", "tiny", values=dict(epochs=5, patience=3, data_scale=0.5, **_QUIET)),
+    # The pipeline's plumbing in about a minute (tiny-random, three tasks).
+    Preset("smoke", "tiny", values=dict(epochs=1, patience=0, data_scale=0.1, max_seq_len=32,
+                                        batch_size=16, **_QUIET)),
+)
+PRESETS: Dict[str, Preset] = {p.name: p for p in _PRESETS}
+METHODS = ("full", "lora", "bottleneck")
 
 
 def default_preset(model: str) -> str:
@@ -48,18 +69,36 @@ def default_preset(model: str) -> str:
   return "tiny" if names.is_builtin(model) else "paper"
 
 
-def preset_values(preset: str, method: str) -> Dict[str, Any]:
+def lineage(preset: str):
+  """The preset and its ancestors, root first."""
   if preset not in PRESETS:
     raise ValueError(f"Unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}.")
-  if method not in PRESETS[preset]:
+  chain = []
+  while preset is not None:
+    chain.append(PRESETS[preset])
+    preset = PRESETS[preset].parent
+  return chain[::-1]
+
+
+def preset_values(preset: str, method: str) -> Dict[str, Any]:
+  """The fields ``preset`` sets for ``method``: down the lineage, each preset's ``values``
+  then its ``methods[method]`` (so a child's value for every method overrides a parent's
+  per-method one)."""
+  chain = lineage(preset)
+  if method not in METHODS:
     raise ValueError(f"Unknown fine-tuning method {method!r}; valid methods: "
-                     f"{', '.join(PRESETS[preset])}.")
-  return dict(PRESETS[preset][method])
+                     f"{', '.join(METHODS)}.")
+  values: Dict[str, Any] = {}
+  for p in chain:
+    values.update(p.values)
+    values.update(p.methods.get(method, {}))
+  return values
 
 
 def resolve(task: str, method: str, model: str, preset: Optional[str] = None,
             overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
-  """The preset's values for (preset, method), then ``overrides`` (non-None ones)."""
+  """``TrainConfig``'s defaults, then the preset's values for (preset, method), then
+  ``overrides`` (non-None ones)."""
   values = preset_values(preset or default_preset(model), method)
   values.update(task=task, method=method, model=model)
   values.update({k: v for k, v in (overrides or {}).items() if v is not None})
