@@ -18,6 +18,7 @@ import traceback
 from typing import Callable, Sequence
 
 from absl import app, flags, logging
+from tvgeo_jax.core import hub
 
 FLAGS = flags.FLAGS
 _OURS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
@@ -37,7 +38,6 @@ def _is_ours(path: str) -> bool:
 
 def is_expected(error: BaseException) -> bool:
   """An error a user can fix from its message (not a bug in this code)."""
-  from tvgeo_jax.core import hub
   if isinstance(error, (OSError, hub.HubUnavailableError)):
     return True  # files, permissions, the network: the environment, not the code
   if isinstance(error, (ValueError, FloatingPointError)):

@@ -20,6 +20,8 @@ from absl import app, flags
 from experiments import cli, config_flags, multihost
 from tvgeo_jax.adapters import partition
 from tvgeo_jax.training import presets
+from tvgeo_jax.training import compile_cache, config as config_lib, loop
+from tvgeo_jax.training import group
 
 FLAGS = flags.FLAGS
 
@@ -74,7 +76,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.task:
     raise app.UsageError("--task is required (e.g. --task=synth_sst2 or --task=qnli).")
-  from tvgeo_jax.training import compile_cache, config as config_lib, loop
   resume_with = config_lib.parse_resume_with(FLAGS.resume_with)
   multihost.initialize_if_requested()
   cache = FLAGS.compilation_cache
@@ -91,7 +92,6 @@ def main(argv):
   else:
     if resume_with:
       raise app.UsageError("--resume_with applies to one task; resume that task alone.")
-    from tvgeo_jax.training import group
     outs = [os.path.join(FLAGS.out, c.task) if FLAGS.out else default_out(c) for c in configs]
     results = group.finetune_many(configs, outs, max_concurrent=FLAGS.max_concurrent,
                                   overwrite=FLAGS.overwrite)

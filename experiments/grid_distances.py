@@ -33,6 +33,7 @@ from tvgeo_jax import geometry
 from tvgeo_jax.adapters import lora
 from tvgeo_jax.studies import sources
 from tvgeo_jax.vectors import task_vectors
+from tvgeo_jax.geometry import measure_outputs
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(model_inputs)  # --runs and friends in --helpshort
@@ -121,7 +122,6 @@ def _other_measures(srcs):
 
 
 def _subspace_similarity(srcs):
-  from tvgeo_jax.geometry import measure_outputs
   loras = [s for s in srcs if lora.has_lora(s.params)]
   if not loras:
     raise ValueError("--measures=subspace_similarity needs LoRA runs or adapters; none of "
@@ -141,7 +141,6 @@ def _subspace_similarity(srcs):
 
 
 def _intruders(srcs):
-  from tvgeo_jax.geometry import measure_outputs
   records = measure_outputs.intruder_records(
       _labels(srcs), [s.method for s in srcs], [s.params for s in srcs],
       [None if lora.has_lora(s.params) else s.base_params for s in srcs], _modules(),

@@ -9,6 +9,7 @@ with ``--multihost --coordinator_address=HOST0:PORT --num_processes=N
 from __future__ import annotations
 
 from absl import app, flags
+from tvgeo_jax.core import sharding
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("multihost", False,
@@ -35,5 +36,4 @@ def initialize_if_requested() -> None:
       raise app.UsageError(f"--{', --'.join(given)} {verb} for --multihost runs; add "
                            "--multihost, or leave it out for a single-host run.")
     return
-  from tvgeo_jax.core import sharding
   sharding.initialize_multihost(**{name: FLAGS[name].value for name in _DETAILS})

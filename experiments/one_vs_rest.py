@@ -20,6 +20,8 @@ from absl import app, flags
 
 from experiments import cli, config_flags
 from experiments import finetune  # noqa: F401  (defines the training flags)
+from tvgeo_jax.studies import one_vs_rest
+from tvgeo_jax.training import compile_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("reference", None, "Reference class (name or index; default 'human').")
@@ -31,8 +33,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.task:
     raise app.UsageError("--task is required (e.g. --task=synth_authorship).")
-  from tvgeo_jax.studies import one_vs_rest
-  from tvgeo_jax.training import compile_cache
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
   overrides = config_flags.train_overrides()

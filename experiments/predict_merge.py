@@ -19,6 +19,8 @@ from absl import app, flags
 from experiments import cli, model_inputs
 
 from tvgeo_jax.studies import merge_prediction
+from tvgeo_jax import geometry
+from tvgeo_jax.studies import sources
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(model_inputs)  # --runs and friends in --helpshort
@@ -42,8 +44,6 @@ def _geometry():
     return merge_prediction.read_distances(FLAGS.distances)
   if not (FLAGS.runs or FLAGS.runs_file):
     raise app.UsageError("Pass --distances (grid_distances output) or --runs/--runs_file.")
-  from tvgeo_jax import geometry
-  from tvgeo_jax.studies import sources
   srcs = model_inputs.load_models()
   stacks = sources.module_stacks(srcs, FLAGS.modules)
   is_lora = all(isinstance(s, tuple) for s in stacks.values())

@@ -20,6 +20,7 @@ import os
 from absl import app, flags
 
 from experiments import cli
+from tvgeo_jax.studies import representations
 
 FLAGS = flags.FLAGS
 
@@ -52,7 +53,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.runs:
     raise app.UsageError("--runs is required: finished run directories, comma-separated.")
-  from tvgeo_jax.studies import representations
   try:
     layers = [int(l) for l in FLAGS.layers] if FLAGS.layers else None
   except ValueError:

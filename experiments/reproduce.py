@@ -21,6 +21,7 @@ from absl import flags
 
 from experiments import cli, multihost
 from tvgeo_jax.studies import reproduce
+from tvgeo_jax.training import compile_cache
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "offline", list(reproduce.PRESETS), "Study preset.")
@@ -37,7 +38,6 @@ def main(argv):
   if FLAGS.dry_run:
     print(json.dumps(reproduce.dry_run_plan(preset), indent=2))
     return
-  from tvgeo_jax.training import compile_cache
   multihost.initialize_if_requested()
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
