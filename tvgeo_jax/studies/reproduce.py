@@ -123,6 +123,10 @@ def get_preset(name: str, seeds: Optional[int] = None) -> StudyPreset:
   if seeds is not None:
     if seeds < 1:
       raise ValueError(f"seeds must be >= 1, got {seeds}.")
+    if seeds > 1 and preset.model in names.RANDOM_MODELS:
+      raise ValueError(f"--seeds={seeds} needs a pretrained base: {preset.model!r} is drawn "
+                       "from the training seed, so each seed would fine-tune another base "
+                       "(use the offline or paper preset).")
     preset = dataclasses.replace(preset, seeds=seeds)
   return preset
 
