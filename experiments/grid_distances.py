@@ -76,9 +76,9 @@ def main(argv):
   stacks = sources.module_stacks(srcs, FLAGS.modules, kind=FLAGS.kind)
   is_lora = all(isinstance(s, tuple) for s in stacks.values())
   factors = FLAGS.factors if is_lora else ["product"]
-  metrics = [m for m in FLAGS.metrics if is_lora or m != "grassmann" or FLAGS.top_k]
+  metrics = list(geometry.meaningful_metrics(FLAGS.metrics, is_lora, FLAGS.top_k))
   if len(metrics) < len(FLAGS.metrics):
-    logging.warning("Grassmann skipped: dense task vectors are full rank; pass --top_k.")
+    logging.warning("%s (--top_k)", geometry.GRASSMANN_SKIPPED)
   max_memory = None if FLAGS.max_memory is None else int(FLAGS.max_memory * 2 ** 30)
   if FLAGS.dry_run:
     for module, stack in stacks.items():

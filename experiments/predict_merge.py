@@ -47,7 +47,7 @@ def _geometry():
   srcs = model_inputs.load_models()
   stacks = sources.module_stacks(srcs, FLAGS.modules)
   is_lora = all(isinstance(s, tuple) for s in stacks.values())
-  metrics = [m for m in geometry.METRICS if is_lora or m != "grassmann" or FLAGS.top_k]
+  metrics = geometry.meaningful_metrics(geometry.METRICS, is_lora, FLAGS.top_k)
   grids = geometry.distance_grids(stacks, task_names=[s.name for s in srcs], metrics=metrics,
                                   factors=("product", "a", "b") if is_lora else ("product",),
                                   top_k=None if is_lora else FLAGS.top_k)

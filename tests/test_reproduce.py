@@ -7,6 +7,7 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
+from tvgeo_jax import data
 from tvgeo_jax.core import io_utils
 from tvgeo_jax.studies import reproduce
 from tvgeo_jax.training import runs
@@ -53,6 +54,40 @@ class SmokeReproductionTest(absltest.TestCase):
       page = f.read()
     self.assertIn("data:image/png;base64,", page)  # figures inlined: self-contained
     self.assertNotRegex(page, r'<img src="(?!data:)')
+
+  def test_summaries_carry_chance_levels_p_values_and_not_evaluated(self):
+    sc = io_utils.read_json(os.path.join(self.out, "scores", "summary.json"))
+    self.assertLen(sc["models"], 6)
+    for key, r in sc["models"].items():
+      spec = data.get_task(r["task"])
+      y = np.asarray(data.load_task_data(r["task"], seed=r["seed"], scale=0.1)["test"].labels)
+      p = np.bincount(y, minlength=2) / len(y)              # independent: label shares
+      want = p.max() if spec.main_metric == "accuracy" else 2 * p[1] / (1 + p[1])
+      self.assertAlmostEqual(r["chance"], want, msg=key)
+      self.assertEqual(r["near_chance"], not r["main"] >= r["chance"] + 0.05, key)
+    near = set(sc["near_chance"])
+    found = io_utils.read_json(os.path.join(self.out, "merge", "summary.json"))["findings"]
+    for method in self.pipe.preset.methods:
+      found += io_utils.read_json(os.path.join(self.out, "distances", method,
+                                               "summary.json"))["findings"]
+    self.assertGreater(sum(len(f["tests"]) for f in found), 4)
+    for f in found:
+      self.assertIn("verdict", f)
+      for t in f["tests"]:
+        self.assertTrue(0 < t["p_value"] <= 1, t)
+        self.assertGreater(t["n_permutations"], 0)
+        self.assertEqual(t["level"], 0.05)
+      if f["near_chance"]:
+        self.assertTrue(set(f["near_chance"]) <= near)
+        self.assertEqual(f["verdict"], "not evaluated: near chance — "
+                         + ", ".join(f["near_chance"]))
+    for m in near:
+      self.assertIn(m, self.report)
+    self.assertIn("## How the findings are judged", self.report)
+    self.assertIn("p (permutations)", self.report)
+    self.assertIn("| finding | test | statistic | p | permutations |", self.report)
+    self.assertIn("Not run in this preset (needs LoRA runs of at least 4 tasks).", self.report)
+    self.assertIn("| task | full | lora | chance | bag of words |", self.report)
 
   def test_training_only_runs_the_base_and_the_fine_tuning_alone(self):
     # What --multihost runs on every host; the analysis is left to a single-host rerun.

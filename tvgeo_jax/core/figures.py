@@ -48,13 +48,32 @@ def pca_coordinates(d: np.ndarray, n_components: int = 2) -> np.ndarray:
   return coords
 
 
-def plot_pca(ax, d: np.ndarray, labels: Sequence[str], title: str = "") -> np.ndarray:
-  """Scatter of ``pca_coordinates(d)`` with task labels; returns the coordinates."""
+def plot_pca(ax, d: np.ndarray, labels: Sequence[str], title: str = "",
+             groups: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+  """Scatter of ``pca_coordinates(d)`` with task labels; returns the coordinates.
+
+  ``groups`` (one label per point, None: no group) colours the points by group with a
+  legend ("other" for None). Labels alternate above and below their point so that
+  neighbours overlap less.
+  """
   d = _check_square(d, labels)
   coords = pca_coordinates(d)
-  ax.scatter(coords[:, 0], coords[:, 1], s=30)
-  for (x, y), name in zip(coords, labels):
-    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+  if groups is None:
+    ax.scatter(coords[:, 0], coords[:, 1], s=30)
+  else:
+    if len(groups) != len(labels):
+      raise ValueError(f"{len(groups)} groups for {len(labels)} points.")
+    names = list(dict.fromkeys(g or "other" for g in groups))
+    cmap = matplotlib.colormaps["tab10"]
+    for c, name in enumerate(names):
+      idx = [k for k, g in enumerate(groups) if (g or "other") == name]
+      ax.scatter(coords[idx, 0], coords[idx, 1], s=34,
+                 color="0.6" if name == "other" else cmap(c % cmap.N), label=name)
+    ax.legend(fontsize=7, title="paper A family", title_fontsize=7, loc="best")
+  order = np.argsort(coords[:, 1])
+  for rank, k in enumerate(order):
+    ax.annotate(labels[k], coords[k], textcoords="offset points",
+                xytext=(4, 3 if rank % 2 == 0 else -9), fontsize=7)
   ax.set_title(title, fontsize=9)
   ax.set_xlabel("PC 1")
   ax.set_ylabel("PC 2")

@@ -13,8 +13,9 @@
 """
 from tvgeo_jax.geometry.intruders import intruder_dimensions
 from tvgeo_jax.geometry.subspace_similarity import subspace_similarity_grid
-from tvgeo_jax.geometry.grid import (FACTORS, METRICS, DistanceGrid, distance_grid,
-                                     distance_grids, grid_arrays, grid_plan)
+from tvgeo_jax.geometry.grid import (FACTORS, GRASSMANN_SKIPPED, METRICS, DistanceGrid,
+                                     distance_grid, distance_grids, grassmann_meaningful,
+                                     grid_arrays, grid_plan, meaningful_metrics)
 from tvgeo_jax.geometry.plan import GridPlan, plan_grid
 from tvgeo_jax.geometry.outputs import summary, write_distance_outputs
 from tvgeo_jax.geometry.pairwise import (cosine_distance, dense_basis, grassmann_distance,
@@ -24,7 +25,8 @@ from tvgeo_jax.geometry.pairwise import (cosine_distance, dense_basis, grassmann
                                          numerical_rank, pad_rank, principal_angles)
 
 __all__ = [
-    "FACTORS", "METRICS", "DistanceGrid", "GridPlan", "distance_grid", "distance_grids",
+    "FACTORS", "GRASSMANN_SKIPPED", "METRICS", "DistanceGrid", "grassmann_meaningful",
+    "meaningful_metrics", "GridPlan", "distance_grid", "distance_grids",
     "grid_arrays", "grid_plan", "pad_rank", "plan_grid",
     "summary", "write_distance_outputs", "cosine_distance", "dense_basis",
     "grassmann_distance", "l2_distance", "lora_cosine_distance", "lora_grassmann_distance",

@@ -42,6 +42,26 @@ METRICS = ("l2", "cosine", "grassmann")
 FACTORS = ("product", "a", "b")
 Stack = Union[jax.Array, np.ndarray, Tuple[Any, Any]]
 
+GRASSMANN_SKIPPED = ("Grassmann skipped: dense task vectors are full rank (every pair of "
+                     "full-rank column spaces is at distance 0); pass top_k to compare their "
+                     "top-k left singular subspaces.")
+
+
+def grassmann_meaningful(is_lora: bool, top_k: Optional[int] = None) -> bool:
+  """Is the Grassmann distance meaningful for these task vectors? LoRA updates BA have
+  rank ≤ r, so their column spaces differ; a dense ΔW is full rank, so its column space
+  is the whole space (distance 0 between any two) unless only its top-k left singular
+  subspace is compared (``top_k``)."""
+  return bool(is_lora or top_k)
+
+
+def meaningful_metrics(metrics: Sequence[str], is_lora: bool, top_k: Optional[int] = None
+                       ) -> Tuple[str, ...]:
+  """``metrics`` without ``"grassmann"`` where ``grassmann_meaningful`` says no (the one
+  rule the merge study, ``experiments.grid_distances`` and the reproduction use)."""
+  keep = grassmann_meaningful(is_lora, top_k)
+  return tuple(m for m in metrics if keep or m != "grassmann")
+
 
 @dataclasses.dataclass(frozen=True)
 class DistanceGrid:

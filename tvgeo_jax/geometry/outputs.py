@@ -31,6 +31,16 @@ from tvgeo_jax.geometry.grid import DistanceGrid
 from tvgeo_jax.core import figures as fg
 
 _FACTOR_LABEL = {"product": "BA", "a": "A", "b": "B"}
+_METRIC_LABEL = {"l2": "L2 distance", "cosine": "cosine distance",
+                 "grassmann": "Grassmann distance"}
+
+
+def _factor_label(grid: DistanceGrid, factor: str) -> str:
+  """What was measured: LoRA's BA (or A, B alone), or a dense ΔW (full fine-tuning;
+  "top-k ΔW" for its Grassmann distance between top-k singular subspaces)."""
+  if grid.kind == "dense":
+    return "ΔW"
+  return _FACTOR_LABEL[factor]
 
 
 def _nan_to_none(x):
@@ -90,7 +100,9 @@ def write_distance_outputs(out_dir: str,
                                           DistanceGrid],
                            task_names: Optional[Sequence[str]] = None, *,
                            figures: bool = True, dendrogram_metric: str = "cosine",
-                           kplus_figures: Sequence[int] = ()) -> Dict[str, List[str]]:
+                           kplus_figures: Sequence[int] = (),
+                           families: Optional[Mapping[str, Optional[str]]] = None
+                           ) -> Dict[str, List[str]]:
   """Write distances.npz, distances.json and figures for ``results`` to ``out_dir``.
 
   Args:
@@ -102,6 +114,7 @@ def write_distance_outputs(out_dir: str,
     dendrogram_metric: metric clustered in the dendrograms (paper: cosine);
       every metric present gets one if this is "all".
     kplus_figures: also draw PCA figures of the k+ means for these k (e.g. 5).
+    families: ``{task name: family}`` colours the PCA points by family (legend).
 
   Returns:
     ``{"npz": [...], "json": [...], "figures": [...]}`` final paths.
@@ -134,7 +147,8 @@ def write_distance_outputs(out_dir: str,
     io_utils.atomic_write_json(os.path.join(tmp, "distances.json"), summary(results))
     written["json"].append(os.path.join(final, "distances.json"))
     if figures:
-      for rel in _draw(tmp, results, labels, dendrogram_metric, kplus_figures):
+      for rel in _draw(tmp, results, labels, dendrogram_metric, kplus_figures,
+                       families):
         written["figures"].append(os.path.join(final, rel))
   return written
 
@@ -143,15 +157,21 @@ def _renamed(g: DistanceGrid, names) -> DistanceGrid:
   return dataclasses.replace(g, task_names=names)
 
 
-def _draw(root, results, labels, dendrogram_metric, kplus_figures) -> List[str]:
+def _draw(root, results, labels, dendrogram_metric, kplus_figures, families=None) -> List[str]:
   rels: List[str] = []
   mods = list(results)
+  fam = None if families is None else [families.get(n) for n in labels]
   keys = sorted({k for g in results.values() for k in g.distances})
   variants = [(None, "mean over layers")] + [(k, f"mean over layers {k}+") for k in kplus_figures]
   for (f, m) in keys:
     have = [mod for mod in mods if (f, m) in results[mod].distances]
     for k, what in variants:
-      fig, axes = fg.panels(len(have), f"PCA of T̄ rows: {_FACTOR_LABEL[f]}, {m} ({what})")
+      g0 = results[have[0]]
+      top = f", top-{g0.top_k} subspaces" if (m == "grassmann" and g0.kind == "dense"
+                                              and g0.top_k) else ""
+      fig, axes = fg.panels(len(have), f"PCA of the rows of T̄: {_METRIC_LABEL.get(m, m)} "
+                                       f"between task vectors {_factor_label(g0, f)}{top} "
+                                       f"({what})")
       for ax, mod in zip(axes, have):
         g = results[mod]
         if k is not None and k > g.num_layers:
@@ -159,14 +179,17 @@ def _draw(root, results, labels, dendrogram_metric, kplus_figures) -> List[str]:
         d = g.layer_mean(f, m) if k is None else g.kplus_mean(f, m, k)
         sub, lab, dropped = _finite_tasks(d, labels)
         if len(lab) >= 2:
-          fg.plot_pca(ax, sub, lab, mod + (f" (dropped NaN: {', '.join(dropped)})" if dropped else ""))
+          groups = None if fam is None else [fam[labels.index(n)] for n in lab]
+          fg.plot_pca(ax, sub, lab, mod + (f" (dropped NaN: {', '.join(dropped)})" if dropped
+                                           else ""), groups=groups)
       rel = os.path.join("figures", f"pca_{f}_{m}" + ("" if k is None else f"_{k}plus") + ".png")
       fg.save_figure(fig, os.path.join(root, rel))
       rels.append(rel)
     for mod in have:
       fig, axes = fg.panels(1)
       fg.plot_heatmap(axes[0], results[mod].layer_mean(f, m), labels,
-                      f"{mod}: {_FACTOR_LABEL[f]} {m}, mean over layers")
+                      f"{mod}: {_METRIC_LABEL.get(m, m)} of {_factor_label(results[mod], f)}, "
+                      "mean over layers")
       rel = os.path.join("figures", f"heatmap_{mod}_{f}_{m}.png")
       fg.save_figure(fig, os.path.join(root, rel))
       rels.append(rel)
@@ -181,7 +204,7 @@ def _draw(root, results, labels, dendrogram_metric, kplus_figures) -> List[str]:
       for ax, f in zip(axes, facs):
         sub, lab, _ = _finite_tasks(g.layer_mean(f, m), labels)
         if len(lab) >= 2:
-          fg.plot_dendrogram(ax, sub, lab, _FACTOR_LABEL[f])
+          fg.plot_dendrogram(ax, sub, lab, _factor_label(g, f))
       rel = os.path.join("figures", f"dendrogram_{mod}_{m}.png")
       fg.save_figure(fig, os.path.join(root, rel))
       rels.append(rel)

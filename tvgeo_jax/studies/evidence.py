@@ -488,3 +488,56 @@ def not_evaluated(models: Sequence[str], scores: Mapping[str, float],
   """Is a finding resting on ``models`` evaluated? (See ``near_chance``.)"""
   near = near_chance({m: scores[m] for m in models}, {m: chance[m] for m in models}, margin)
   return Evaluability(evaluated=not near, near_chance=tuple(near), rule=chance_rule(margin))
+
+
+# --- a finding, as the studies write it in their summaries -------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+  """One paper finding checked on measured numbers: what it claims, what was measured,
+  the permutation tests that judge it, and whether it may be judged at all.
+
+  ``verdict`` comes from the p-values only: "not evaluated" when a model it rests on is
+  near chance (``evaluability``); "not counted" when a grouping's between-family
+  distances do not clear the seed floor (``floor``); otherwise each test's verdict at
+  ``level``; "descriptive" when there is no test.
+  """
+  claim: str
+  measured: str
+  tests: Sequence[PermutationResult] = ()
+  evaluability: Optional[Evaluability] = None
+  floor: Optional[FloorCheck] = None
+  level: float = DEFAULT_LEVEL
+  untested: str = ""    # why there is no test (e.g. too few points), when there is none
+
+  def verdict(self) -> str:
+    if self.evaluability is not None and not self.evaluability.evaluated:
+      return self.evaluability.label()
+    if self.floor is not None and not self.floor.clears:
+      return (f"not counted: the mean between-family distance {self.floor.between_family_mean:.3g} "
+              f"does not clear the seed floor {self.floor.floor:.3g}")
+    if not self.tests:
+      return "descriptive (no test" + (f": {self.untested})" if self.untested else ")")
+    return "; ".join(f"{t.name}: {t.verdict(self.level)}" for t in self.tests)
+
+  def to_dict(self) -> Dict[str, Any]:
+    ev = self.evaluability
+    out = {"claim": self.claim, "measured": self.measured, "level": self.level,
+           "tests": [dict(t.to_dict(self.level), describe=t.describe(self.level))
+                     for t in self.tests],
+           "evaluated": True if ev is None else ev.evaluated,
+           "near_chance": [] if ev is None else list(ev.near_chance),
+           "chance_rule": chance_rule() if ev is None else ev.rule,
+           "verdict": self.verdict()}
+    if self.floor is not None:
+      out["seed_floor"] = dataclasses.asdict(self.floor)
+    return out
+
+
+def safe_test(fn, *args, **kwargs) -> Optional[PermutationResult]:
+  """``fn(*args, **kwargs)``, or None when the test is undefined on these numbers (it
+  raises ValueError: too few tasks, constant rows...)."""
+  try:
+    return fn(*args, **kwargs)
+  except ValueError:
+    return None

@@ -1,4 +1,4 @@
-"""Checks of the papers' findings on measured numbers (used by the report).
+"""Checks of the papers' findings on measured numbers (used by the studies' findings).
 
 Each function takes arrays the pipeline saved and returns a small dict with the
 measurement and a boolean verdict, never an assumption.

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from tvgeo_jax.training import loop, presets
 from tvgeo_jax.evaluation import scoring, task_data
 from tvgeo_jax.core import sharding
 from tvgeo_jax.training import runs
+from tvgeo_jax.studies import evidence
 
 THRESHOLD = 0.5
 APPROACHES = ("full", "lora", "binary_lora")
@@ -264,3 +265,17 @@ def _write_npz(path: str, **arrays) -> None:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   io_utils.atomic_write_bytes(path, buf.getvalue())
+
+
+def study_findings(res: Mapping[str, Any]) -> List[Dict[str, Any]]:
+  """Paper D: macro-F1 of multiclass vs one-vs-rest LoRA (the paper found one-vs-rest
+  competitive); descriptive (one task: no test over tasks). ``evidence.Finding`` dicts."""
+  scores = {name: float(e["macro_f1"]) for name, e in res.get("approaches", {}).items()
+            if e.get("macro_f1") is not None}
+  if not scores:
+    return []
+  best = max(scores, key=scores.get)
+  return [evidence.Finding(
+      claim="(paper D: multiclass vs one-vs-rest LoRA)",
+      measured="macro-F1 " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+               + f"; best: {best}").to_dict()]

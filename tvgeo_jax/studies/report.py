@@ -1,8 +1,10 @@
 """The reproduction report: report.md and a self-contained report.html (figures inlined).
 
 The report is built as a list of blocks (heading, paragraph, table, image, markdown)
-rendered twice, so the two files always say the same thing. Every "finding" line is
-computed from the saved results (``tvgeo_jax.studies.findings``), never assumed.
+rendered twice, so the two files always say the same thing. The report computes no
+finding: it renders what each study wrote in its summary.json (``scores``,
+``distances/<method>``, ``merge``, ``prediction``, ``representations``, ``one_vs_rest``):
+the claim, the measurement, the permutation tests and the verdict.
 """
 from __future__ import annotations
 
@@ -11,13 +13,12 @@ import datetime
 import glob
 import html
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from tvgeo_jax.studies import findings
 from tvgeo_jax.core import io_utils
-from tvgeo_jax.training import runs
+from tvgeo_jax.studies import evidence, merge_prediction, scores
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption) | ("md", text)
 
@@ -112,38 +113,91 @@ def _fmt(x: Any, digits: int = 3) -> str:
   return str(x)
 
 
-def _yes(b: bool) -> str:
-  return "yes" if b else "no"
+def _pct(x: Any) -> str:
+  return "–" if x is None else f"{100 * float(x):.2f}"
+
+
+def judging_blocks() -> List[Block]:
+  """How every finding below is judged (the same rule for all)."""
+  return [("h", 2, "How the findings are judged"),
+          ("p", "Each finding is computed by the study that owns it and written in its "
+                "summary.json; this report only renders them. Beside each finding: its "
+                "permutation tests (scipy.stats.permutation_test; statistic, p-value, number "
+                f"of permutations), judged at level {evidence.DEFAULT_LEVEL:g}: the verdict "
+                "comes from the p-value only. Note: " + evidence.POWER_NOTE + "."),
+          ("p", "No verdict on noise: a finding resting on a model near chance is \"not "
+                "evaluated\" (the models are listed). Rule: " + evidence.chance_rule() + "."),
+          ("p", "Seed floor (with --seeds ≥ 2): the same-task, different-seed distance "
+                "(maximum over seed pairs) per module, metric and layer; a grouping counts "
+                "only where the mean between-family distance exceeds it.")]
+
+
+def finding_blocks(found: Sequence[Mapping[str, Any]]) -> List[Block]:
+  """Findings of a study's summary: one numbered paragraph each (claim, measurement,
+  verdict; the near-chance models by name), then their tests as one table."""
+  blocks: List[Block] = []
+  rows = []
+  for n, f in enumerate(found, 1):
+    blocks.append(("p", f"Finding {n} {f['claim']}: {f['measured']}. Verdict: "
+                        f"{f['verdict']}."))
+    for t in f.get("tests", []):
+      rows.append([n, t["name"], _fmt(t["statistic"]), f"{t['p_value']:.3g}",
+                   t["n_permutations"], t["alternative"], f"{t['level']:g}", t["verdict"]])
+  if rows:
+    blocks.append(("table", ["finding", "test", "statistic", "p", "permutations",
+                             "alternative", "level", "verdict"], rows))
+  return blocks
 
 
 def scores_section(pipe) -> List[Block]:
   p = pipe.preset
-  rows = []
+  summary = scores.read_summary(os.path.join(pipe.out, "scores"))
+  blocks: List[Block] = [("h", 2, "Table 2 — test scores per task and method")]
+  if summary is None:
+    return blocks + [("p", "Scores not computed yet (the scores step).")]
+  models = summary["models"]
+  bow = summary.get("bag_of_words", {})
+  real = any(not t.startswith("synth_") for t in p.tasks)
+  header = ["task"] + list(p.methods)
+  if p.seeds > 1:
+    header += [f"{m} seeds (min–max)" for m in p.methods]
+  header += ["chance"]
+  if real:
+    header += [f"paper A {m}" for m in p.methods if m in scores.PAPER_A_TABLE2]
+  if bow:
+    header += ["bag of words"]
+  rows, near = [], set(summary.get("near_chance", []))
   for task in p.tasks:
     row = [task]
-    for method in p.methods:
-      d = pipe.run_dir(task, method)
-      if not runs.is_finished(d):
-        row.append("–")
-        continue
-      res = io_utils.read_json(os.path.join(d, runs.RESULTS))
-      test = res["metrics"]["test"]
-      main = test.get("main")
-      row.append(f"{100 * main:.2f}" if main is not None else "–")
+    for m in p.methods:
+      r = models.get(scores.model_key(task, m))
+      cell = "–" if r is None or r["main"] is None else f"{100 * r['main']:.2f}"
+      row.append(cell)
+    if p.seeds > 1:
+      for m in p.methods:
+        v = [models[k]["main"] for k in pipe.model_keys(m, [task])
+             if k in models and models[k]["main"] is not None]
+        row.append(f"{100 * min(v):.2f}–{100 * max(v):.2f}" if v else "–")
+    first = next((models[k] for k in pipe.model_keys(p.methods[0], [task], False)
+                  if k in models), None)
+    row.append(_pct(first["chance"]) if first else "–")
+    if real:
+      row += [_fmt(scores.PAPER_A_TABLE2[m].get(task), 2) for m in p.methods
+              if m in scores.PAPER_A_TABLE2]
+    if bow:
+      row.append(_pct(bow.get(task)))
     rows.append(row)
-  blocks: List[Block] = [
-      ("h", 2, "Table 2 — test scores per task and method"),
+  blocks += [
       ("p", f"Base model: {p.model}. Main metric of each task (×100): MCC for CoLA, F1 for "
-            "MRPC/QQP, Pearson for STS-B, accuracy otherwise. Paper A (roberta-base): e.g. "
-            "SST2 93.69/93.92, MNLI 85.75/86.73 (f-FT/LoRA)."),
-      ("table", ["task"] + [f"{m}" for m in p.methods], rows)]
-  lora_vs_full = [(float(r[2]) - float(r[1])) for r in rows
-                  if len(r) > 2 and "–" not in r[1:3]] if "full" in p.methods and "lora" in p.methods else []
-  if lora_vs_full:
-    blocks.append(("p", f"Finding (paper A: LoRA matches full fine-tuning within about a point): "
-                        f"mean LoRA − full = {np.mean(lora_vs_full):+.2f} points over "
-                        f"{len(lora_vs_full)} tasks; within 2 points on "
-                        f"{sum(abs(x) <= 2 for x in lora_vs_full)} of {len(lora_vs_full)}."))
+            "MRPC/QQP, Pearson for STS-B, accuracy otherwise (first seed; chance: the best "
+            "constant predictor on the test split). Paper A (roberta-base, Table 2) beside "
+            "real tasks; beside synthetic tasks the bag-of-words baseline (a logistic "
+            "regression on word counts: a model that does not beat it has learnt a word "
+            "list, not the task)."),
+      ("table", header, rows),
+      ("p", "Near chance (rule: " + summary["chance_rule"] + "): "
+            + (", ".join(sorted(near)) if near else "none") + ".")]
+  blocks += finding_blocks(summary.get("findings", []))
   return blocks
 
 
@@ -155,63 +209,92 @@ def distances_section(pipe) -> List[Block]:
   blocks: List[Block] = [("h", 2, "Figures 2 and 3 — geometry of task vectors")]
   for method in pipe.preset.methods:
     root = os.path.join(pipe.out, "distances", method)
-    z = _load_npz(os.path.join(root, "distances.npz"))
-    if z is None:
+    path = os.path.join(root, "summary.json")
+    if not os.path.exists(path):
       blocks.append(("p", f"{method}: distances not computed."))
       continue
-    names = [str(n) for n in z["task_names"]]
-    title = "full fine-tuning (Figure 2)" if method == "full" else "LoRA (Figure 3)"
+    s = io_utils.read_json(path)
+    title = "full fine-tuning, ΔW (Figure 2)" if method == "full" else "LoRA, BA (Figure 3)"
     blocks.append(("h", 3, title))
     rows = []
-    for module in [str(m) for m in z["module_names"]]:
-      for metric in ("l2", "cosine", "grassmann"):
-        key = f"{module}/product/{metric}"
-        if key not in z:
-          continue
-        d = np.nanmean(z[key], axis=-1)
-        g = findings.group_agreement(d, names)
-        rows.append([module, metric, _fmt(g["share"], 2), _fmt(g["chance"], 2),
-                     ", ".join(findings.describe_groups(g))])
-    blocks.append(("table", ["module", "metric", "share of tasks whose nearest neighbour is in "
-                             "their paper group", "chance", "per group"], rows))
-    cos = [r for r in rows if r[1] == "cosine"]
-    l2 = [r for r in rows if r[1] == "l2"]
-    if cos and l2:
-      c = np.mean([float(r[2]) for r in cos])
-      e = np.mean([float(r[2]) for r in l2])
-      blocks.append(("p", f"Finding (paper A: cosine groups related tasks, L2 does not): "
-                          f"grouping share cosine {c:.2f} vs L2 {e:.2f} (chance "
-                          f"{float(cos[0][3]):.2f}) — cosine groups better than L2: "
-                          f"{_yes(c > e)}; cosine above chance: {_yes(c > float(cos[0][3]))}."))
+    for r in s["grouping"]:
+      t = r.get("test")
+      row = [r["module"], r["metric"], _fmt(r["share"], 2), _fmt(r["chance"], 2),
+             "–" if t is None else f"{t['p_value']:.3g} ({t['n_permutations']})",
+             ", ".join(r["per_group"])]
+      if s.get("seeds"):
+        f = r.get("seed_floor")
+        row.append("–" if f is None else f"{f['floor']:.3g} / {f['between_family_mean']:.3g}"
+                   f" — {'clears' if f['clears'] else 'does not clear'}")
+      rows.append(row)
+    header = ["module", "metric", "share of tasks whose nearest neighbour is in their paper "
+              "group", "chance", "p (permutations)", "per group"]
+    if s.get("seeds"):
+      header.append("seed floor / between-family mean")
+    blocks.append(("table", header, rows))
+    blocks += finding_blocks(s.get("findings", [])[:-1] if s.get("figure4")
+                             else s.get("findings", []))
+    if s.get("seed_floor"):
+      frows = []
+      for key, v in s["seed_floor"].items():
+        frows.append([key, " ".join(_fmt(x, 3) for x in np.atleast_1d(v["floor"])),
+                      " ".join(_fmt(x, 3) for x in np.atleast_1d(v["same_task_mean"])),
+                      " ".join(_fmt(x, 3) for x in np.atleast_1d(v["between_task_mean"]))])
+      blocks += [("p", "Seed noise floor per layer (same-task, different-seed distances "
+                       "beside between-task distances):"),
+                 ("table", ["module/factor/metric", "floor (max) per layer",
+                            "same-task mean per layer", "between-task mean per layer"],
+                  frows)]
     for fig in sorted(glob.glob(os.path.join(root, "figures", "pca_product_*.png"))):
       if "plus" in fig and "cosine" not in fig:
         continue
-      blocks.append(("img", fig, f"{method}: {os.path.basename(fig)[:-4]}"))
-    if method == "lora":
-      blocks += figure4_blocks(z, names, root)
+      what = "ΔW" if method == "full" else "BA"
+      blocks.append(("img", fig, f"{method}: PCA of the rows of T̄ ({what}), "
+                                 f"{os.path.basename(fig)[len('pca_product_'):-4]}"))
+    if s.get("figure4"):
+      blocks += figure4_blocks(s, root)
   return blocks
 
 
-def figure4_blocks(z, names, root) -> List[Block]:
+def figure4_blocks(s, root) -> List[Block]:
   blocks: List[Block] = [("h", 3, "Figure 4 — clustering on A alone and B alone")]
-  rows, verdicts = [], []
-  for module in [str(m) for m in z["module_names"]]:
-    keys = [f"{module}/{f}/cosine" for f in ("a", "b", "product")]
-    if not all(k in z for k in keys):
-      continue
-    d_a, d_b, d_ba = (np.nanmean(z[k], axis=-1) for k in keys)
-    r = findings.factor_resemblance(d_a, d_b, d_ba)
-    verdicts.append(r["B_resembles_BA_more"])
-    rows.append([module, _fmt(r["rho_B_vs_BA"]), _fmt(r["rho_A_vs_BA"]),
-                 _yes(r["B_resembles_BA_more"])])
+  rows = [[r["module"], _fmt(r["rho_B_vs_BA"]), _fmt(r["rho_A_vs_BA"]),
+           "yes" if r["B_resembles_BA_more"] else "no"] for r in s["figure4"]]
   blocks.append(("table", ["module", "ρ(cos B, cos BA)", "ρ(cos A, cos BA)",
                            "B closer to BA than A"], rows))
-  blocks.append(("p", "Finding (paper A: B alone resembles BA, A alone does not): "
-                      f"{_yes(all(verdicts))} for {sum(verdicts)} of {len(verdicts)} modules. "
-                      "Caveat: A and B alone are not identifiable (B·M, M⁻¹·A give the same "
-                      "ΔW); col(B) is."))
+  blocks += finding_blocks(s["findings"][-1:])
   for fig in sorted(glob.glob(os.path.join(root, "figures", "dendrogram_*.png"))):
     blocks.append(("img", fig, os.path.basename(fig)[:-4]))
+  return blocks
+
+
+def prediction_section(pipe) -> List[Block]:
+  root = os.path.join(pipe.out, "prediction")
+  blocks: List[Block] = [("h", 2, "Predicting merge damage δ(i, j) from geometry")]
+  path = os.path.join(root, merge_prediction.SUMMARY_FILE)
+  if not os.path.exists(path):
+    why = ("needs LoRA runs of at least 4 tasks" if not pipe.prediction_ready()
+           else "not computed yet")
+    return blocks + [("p", f"Not run in this preset ({why}).")]
+  r = io_utils.read_json(path)
+  rows = []
+  for name, v in r["predictors"].items():
+    kind = "baseline" if name in merge_prediction.BASELINES else "model"
+    rows.append([name, kind, "undefined (constant)" if v["mean_spearman"] is None
+                 else f"{v['mean_spearman']:.3f}", _fmt(v["mean_mae"], 4),
+                 v.get("num_undefined_spearman", 0)])
+  blocks += [("p", f"{r.get('delta_definition', merge_prediction.DELTA_DEFINITION)}, "
+                   f"{r.get('method')} merges scored by {r.get('score')}. Leave-one-task-out "
+                   f"over {len(r['tasks'])} tasks ({r['num_pairs']} pairs, "
+                   f"{len(r['features'])} geometry features): for each task i, fit on the "
+                   "pairs that do not involve i, predict δ(i, ·); mean over held-out tasks. "
+                   "Baselines: the mean δ of the training pairs, and the single best "
+                   "distance feature (what paper A's Table 3 ranks)."),
+             ("table", ["predictor", "kind", "mean held-out Spearman ρ", "mean held-out MAE",
+                        "tasks with undefined ρ"], rows)]
+  fig = os.path.join(root, merge_prediction.FIGURE_FILE)
+  if os.path.exists(fig):
+    blocks.append(("img", fig, "predicted vs measured δ(i, j), task i held out"))
   return blocks
 
 
@@ -227,8 +310,7 @@ def _study_section(pipe, name: str, title: str, figure_glob: str = "*.png",
   if os.path.exists(md):
     with open(md) as f:
       blocks.append(("md", f.read()))
-  for line in s.get("findings", []):
-    blocks.append(("p", "Finding " + line))
+  blocks += finding_blocks(s.get("findings", []))
   figs = sorted(glob.glob(os.path.join(root, "**", figure_glob), recursive=True))
   for fig in figs[:max_figures]:
     blocks.append(("img", fig, os.path.relpath(fig, root)))
@@ -243,14 +325,17 @@ def build(pipe) -> List[Block]:
   blocks: List[Block] = [
       ("h", 1, f"tvgeo_jax reproduction — preset '{p.name}'"),
       ("p", f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; base model "
-            f"{p.model}; {len(p.tasks)} tasks × methods {', '.join(p.methods)}; compute time "
-            f"of the steps run so far {total / 60:.1f} min. Every finding below is computed "
-            "from the saved results of this run."),
+            f"{p.model}; {len(p.tasks)} tasks × methods {', '.join(p.methods)} × {p.seeds} "
+            "seed(s); compute time "
+            f"of the steps run so far {total / 60:.1f} min. Every finding below was computed "
+            "by its study from the saved results of this run."),
   ]
+  blocks += judging_blocks()
   blocks += scores_section(pipe)
   blocks += distances_section(pipe)
   blocks += _study_section(pipe, "merge", "Table 3 — merging interference and distances; TIES "
                                          "analyses (papers A and C)")
+  blocks += prediction_section(pipe)
   blocks += _study_section(pipe, "representations",
                            "Paper B — CKA, SVCCA, PWCCA, Procrustes and UMAP of representations")
   blocks += _study_section(pipe, "one_vs_rest", "Paper D — one-vs-rest vs multiclass LoRA")

@@ -40,6 +40,7 @@ from tvgeo_jax.analysis import umap_analysis as ua
 from tvgeo_jax.training import runs as runs_lib
 from tvgeo_jax import pretraining
 from tvgeo_jax import data
+from tvgeo_jax.studies import evidence, findings as findings_lib
 
 PLM = "plm"
 CKA_JSON = "cka.json"
@@ -285,3 +286,36 @@ def run_study(run_dirs: Sequence[str], out_dir: str, *, task: Optional[str] = No
                  runs={k: d for k, d in zip(list(models)[1:], run_dirs)})
   io_utils.atomic_write_json(os.path.join(out_dir, SUMMARY_JSON), summary)
   return summary
+
+
+# --- findings (written in the study's summary; the report renders them) -----------------
+
+def study_findings(res: Mapping[str, Any], evaluability=None,
+                   n_permutations: int = evidence.DEFAULT_PERMUTATIONS) -> List[Dict[str, Any]]:
+  """Paper B: PLM-vs-FT similarity fades with depth (``evidence.trend_test``, less: CKA
+  falls with the layer); bottleneck adapters stay closer to the PLM in early layers
+  (descriptive). ``evaluability``: of the fine-tuned models compared. Returns
+  ``evidence.Finding`` dicts."""
+  out = []
+  diag = {pair: np.asarray(d, float) for pair, d in res.get("cka_diagonal", {}).items()}
+  for pair, d in diag.items():
+    if "plm" in pair.lower() and "full" in pair.lower():
+      f = findings_lib.fading_similarity(d)
+      test = evidence.safe_test(evidence.trend_test, d, alternative="less",
+                                name="Spearman ρ(layer, CKA)", n_permutations=n_permutations)
+      out.append(evidence.Finding(
+          claim="(paper B: PLM vs FT similarity fades from ~1 to ~0.2 across layers)",
+          measured=f"layer-wise CKA {f['first']:.2f} (layer {f['first_layer']}) → "
+                   f"{f['last']:.2f} (last layer), Spearman trend {f['trend_rho']:.2f}",
+          tests=tuple(t for t in (test,) if t is not None),
+          evaluability=evaluability).to_dict())
+  full = [d for p, d in diag.items() if "plm" in p.lower() and "full" in p.lower()]
+  bn = [d for p, d in diag.items() if "plm" in p.lower() and "bottleneck" in p.lower()]
+  if full and bn:
+    h = max(1, len(full[0]) // 2)
+    a, b = float(np.nanmean(bn[0][:h + 1])), float(np.nanmean(full[0][:h + 1]))
+    out.append(evidence.Finding(
+        claim="(paper B: bottleneck adapters stay closer to the PLM in early layers)",
+        measured=f"mean CKA to PLM over layers ≤ {h} (NaN layers skipped) BN {a:.2f} vs FT "
+                 f"{b:.2f}", evaluability=evaluability).to_dict())
+  return out

@@ -3,14 +3,22 @@
 Steps, each skipped when its outputs exist (so a rerun resumes):
 
 1. ``base``: the pretrained model (the embedded base is built on first use);
-2. ``finetune/<task>/<method>``: every task × method (full FT and LoRA; plus a
-   bottleneck run on the representation task);
-3. ``distances/<method>``: T_d for every task pair × layer (query, value) in one call;
-4. ``merge``: δ(i, j) for LoRA factor and product averaging, Table 3, TIES analyses;
-5. ``representations``: CKA and UMAP of PLM / full / LoRA / bottleneck on one task;
-6. ``one_vs_rest``: multiclass full / LoRA against per-class binary LoRA models;
-7. ``report``: report.md and report.html (figures inlined) with each paper finding
-   checked on the measured numbers.
+2. ``finetune/<task>/<method>``: every task × method × seed (full FT and LoRA; plus a
+   bottleneck run on the representation task); with ``seeds`` > 1 the extra seeds are
+   more members of the same concurrent group, in ``runs/<task>_s<k>/<method>``;
+3. ``scores``: Table 2 (every model's test score, its task's chance level, paper A's
+   score, the bag-of-words baseline of synthetic tasks; ``studies.scores``);
+4. ``distances/<method>``: T_d for every run pair × layer (query, value) in one call,
+   and its findings with p-values and, with seeds, the seed floor
+   (``studies.distance_study``);
+5. ``merge``: δ(i, j) for LoRA factor and product averaging, Table 3, TIES analyses
+   (first seed of each task), findings with p-values (``merge_study.study_findings``);
+6. ``prediction``: δ(i, j) predicted from geometry on held-out tasks
+   (``merge_prediction.run_prediction``; needs ≥ 4 tasks);
+7. ``representations``: CKA and UMAP of PLM / full / LoRA / bottleneck on one task;
+8. ``one_vs_rest``: multiclass full / LoRA against per-class binary LoRA models;
+9. ``report``: report.md and report.html (figures inlined), rendering the findings each
+   study wrote in its summary (a finding on near-chance models: "not evaluated").
 
 Presets: ``offline`` (embedded base, synthetic suite, CPU minutes), ``paper``
 (roberta-base, the hub tasks, paper A's recipe; for GPUs/TPUs) and ``smoke`` (a
@@ -22,12 +30,13 @@ import dataclasses
 import logging
 import os
 import time
+
+import numpy as np
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tvgeo_jax.core import io_utils
 from tvgeo_jax.data import SYNTH_PAPER_TASKS
 from tvgeo_jax.data import PAPER_TASKS
-from tvgeo_jax.studies import findings
 from tvgeo_jax.models import EncoderConfig, names
 from tvgeo_jax.training import flops as flops_lib
 from tvgeo_jax.adapters import partition
@@ -40,10 +49,11 @@ from tvgeo_jax.core.sharding import wait_for_all_processes
 from tvgeo_jax.training import group, loop
 from tvgeo_jax.studies import sources
 from tvgeo_jax import geometry
-from tvgeo_jax.studies import merge_study
+from tvgeo_jax.studies import distance_study, evidence, merge_prediction, merge_study
 from tvgeo_jax.studies import representations
 from tvgeo_jax.studies import one_vs_rest
 from tvgeo_jax.studies import report
+from tvgeo_jax.studies import scores
 
 STATE_FILE = "pipeline_state.json"
 
@@ -63,9 +73,11 @@ class StudyPreset:
   umap: bool = True
   multitask_methods: Tuple[str, ...] = ("lora_factor_average", "task_arithmetic", "ties")
   max_concurrent: Optional[int] = None  # tasks per concurrent fine-tuning group (None: all)
+  seeds: int = 1   # runs per task and method (seed, seed + 1, ...): the seed noise floor
 
-  def train_config(self, task: str, method: str):
-    return presets.resolve(task, method, self.model, self.train_preset)
+  def train_config(self, task: str, method: str, seed_index: int = 0):
+    cfg = presets.resolve(task, method, self.model, self.train_preset)
+    return cfg.replace(seed=cfg.seed + seed_index) if seed_index else cfg
 
 
 def _offline() -> StudyPreset:
@@ -92,10 +104,20 @@ PRESETS: Dict[str, Callable[[], StudyPreset]] = {
     "offline": _offline, "paper": _paper, "smoke": _smoke}
 
 
-def get_preset(name: str) -> StudyPreset:
+def get_preset(name: str, seeds: Optional[int] = None) -> StudyPreset:
+  """A preset by name; ``seeds`` (≥ 1) overrides its number of seeds per task."""
   if name not in PRESETS:
     raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
-  return PRESETS[name]()
+  preset = PRESETS[name]()
+  if seeds is not None:
+    if seeds < 1:
+      raise ValueError(f"seeds must be >= 1, got {seeds}.")
+    if seeds > 1 and preset.model in names.RANDOM_MODELS:
+      raise ValueError(f"--seeds={seeds} needs a pretrained base: {preset.model!r} is drawn "
+                       "from the training seed, so each seed would fine-tune another base "
+                       "(use the offline or paper preset).")
+    preset = dataclasses.replace(preset, seeds=seeds)
+  return preset
 
 
 # --- the plan --------------------------------------------------------------------
@@ -116,43 +138,69 @@ class Pipeline:
     self.out = os.path.abspath(out_dir)
 
   # paths
-  def run_dir(self, task: str, method: str) -> str:
-    return os.path.join(self.out, "runs", task, method)
+  def run_dir(self, task: str, method: str, seed_index: int = 0) -> str:
+    folder = task if seed_index == 0 else f"{task}_s{seed_index}"
+    return os.path.join(self.out, "runs", folder, method)
 
-  def finetune_jobs(self) -> List[Tuple[str, str]]:
-    jobs = [(t, m) for t in self.preset.tasks for m in self.preset.methods]
+  def finetune_jobs(self) -> List[Tuple[str, str, int]]:
+    """(task, method, seed index) of every run: each task × method × seed, plus the
+    representation task's bottleneck run (one seed)."""
+    jobs = [(t, m, k) for t in self.preset.tasks for m in self.preset.methods
+            for k in range(self.preset.seeds)]
     if self.preset.repr_task:
       for m in ("full", "lora", "bottleneck"):
-        if (self.preset.repr_task, m) not in jobs:
-          jobs.append((self.preset.repr_task, m))
+        if (self.preset.repr_task, m, 0) not in jobs:
+          jobs.append((self.preset.repr_task, m, 0))
     return jobs
 
-  def finetune_groups(self) -> List[Tuple[str, List[str]]]:
-    """(method, tasks) per fine-tuning step: one concurrent group per method on one host;
-    one task per step under multi-host (each run is data-parallel over every host)."""
+  def finetune_groups(self) -> List[Tuple[str, List[Tuple[str, int]]]]:
+    """(method, [(task, seed index)]) per fine-tuning step: one concurrent group per
+    method on one host (seeds are more members); one run per step under multi-host (each
+    run is data-parallel over every host)."""
     import jax
     jobs = self.finetune_jobs()
     if jax.process_count() > 1:
-      return [(m, [t]) for t, m in jobs]
-    methods = list(dict.fromkeys(m for _, m in jobs))
-    return [(m, [t for t, mm in jobs if mm == m]) for m in methods]
+      return [(m, [(t, k)]) for t, m, k in jobs]
+    methods = list(dict.fromkeys(m for _, m, _ in jobs))
+    return [(m, [(t, k) for t, mm, k in jobs if mm == m]) for m in methods]
+
+  def model_keys(self, method: str, tasks: Optional[Sequence[str]] = None,
+                 all_seeds: bool = True) -> List[str]:
+    """``scores.model_key`` of a method's runs (the names the scores summary uses)."""
+    seeds = range(self.preset.seeds) if all_seeds else range(1)
+    return [scores.model_key(t, method, k) for t in (tasks or self.preset.tasks) for k in seeds]
+
+  def prediction_ready(self) -> bool:
+    return "lora" in self.preset.methods and len(self.preset.tasks) >= 4
 
   def steps(self) -> List[Step]:
     p = self.preset
     steps = [Step("base", self._base, lambda: False, training=True)]
-    for method, tasks in self.finetune_groups():
-      dirs = [self.run_dir(t, method) for t in tasks]
-      name = f"finetune {tasks[0]} {method}" if len(tasks) == 1 else \
-          f"finetune {method} ({len(tasks)} tasks concurrently)"
-      steps.append(Step(name, lambda ts=tasks, m=method: self._finetune(ts, m),
+    for method, members in self.finetune_groups():
+      dirs = [self.run_dir(t, method, k) for t, k in members]
+      if len(members) == 1:
+        t, k = members[0]
+        name = f"finetune {t}{'' if k == 0 else f' seed {k}'} {method}"
+      elif p.seeds == 1:
+        name = f"finetune {method} ({len(members)} tasks concurrently)"
+      else:
+        name = f"finetune {method} ({len(members)} runs concurrently, {p.seeds} seeds)"
+      steps.append(Step(name, lambda ms=members, m=method: self._finetune(ms, m),
                         lambda ds=dirs: all(runs.is_finished(d) for d in ds), training=True))
+    so = os.path.join(self.out, "scores")
+    steps.append(Step("scores", self._scores,
+                      lambda: os.path.exists(os.path.join(so, scores.SUMMARY))))
     for method in p.methods:
       out = os.path.join(self.out, "distances", method)
       steps.append(Step(f"distances {method}", lambda m=method: self._distances(m),
-                        lambda o=out: os.path.exists(os.path.join(o, "distances.json"))))
+                        lambda o=out: os.path.exists(os.path.join(o, "summary.json"))))
     merge_out = os.path.join(self.out, "merge")
     steps.append(Step("merge", self._merge,
                       lambda: os.path.exists(os.path.join(merge_out, "summary.json"))))
+    if self.prediction_ready():
+      po = os.path.join(self.out, "prediction")
+      steps.append(Step("prediction", self._prediction,
+                        lambda: os.path.exists(os.path.join(po, merge_prediction.SUMMARY_FILE))))
     if p.repr_task:
       ro = os.path.join(self.out, "representations")
       steps.append(Step("representations", self._representations,
@@ -201,28 +249,47 @@ class Pipeline:
         embedded.ensure_embedded_base()
       wait_for_all_processes("tvgeo_jax embedded base")
 
-  def _finetune(self, tasks: Sequence[str], method: str):
-    configs = [self.preset.train_config(t, method) for t in tasks]
-    dirs = [self.run_dir(t, method) for t in tasks]
-    if len(tasks) == 1:
+  def _finetune(self, members: Sequence[Tuple[str, int]], method: str):
+    configs = [self.preset.train_config(t, method, k) for t, k in members]
+    dirs = [self.run_dir(t, method, k) for t, k in members]
+    if len(members) == 1:
       loop.finetune(configs[0], dirs[0])
     else:
       group.finetune_many(configs, dirs, max_concurrent=self.preset.max_concurrent)
 
-  def _sources(self, method: str, tasks: Optional[Sequence[str]] = None):
+  def _sources(self, method: str, tasks: Optional[Sequence[str]] = None,
+               all_seeds: bool = False):
+    """The runs of a method, task-major (``task``, ``task#2``... for the seeds)."""
     tasks = tasks or self.preset.tasks
-    return sources.load_sources([self.run_dir(t, method) for t in tasks])
+    seeds = range(self.preset.seeds) if all_seeds else range(1)
+    return sources.load_sources([self.run_dir(t, method, k) for t in tasks for k in seeds])
+
+  def _evaluability(self, models: Sequence[str]):
+    return scores.evaluability(scores.read_summary(os.path.join(self.out, "scores")), models)
+
+  def _scores(self):
+    models = {scores.model_key(t, m, k): self.run_dir(t, m, k)
+              for t, m, k in self.finetune_jobs()}
+    scores.score_study(models, os.path.join(self.out, "scores"))
 
   def _distances(self, method: str):
-    srcs = self._sources(method)
+    srcs = self._sources(method, all_seeds=True)
     stacks = sources.module_stacks(srcs, ("query", "value"))
     lora_kind = method == "lora"
+    top_k = None if lora_kind else self.preset.distance_top_k
+    names = [s.name for s in srcs]
     grids = geometry.distance_grids(
-        stacks, task_names=[s.name for s in srcs],
-        factors=("product", "a", "b") if lora_kind else ("product",),
-        top_k=None if lora_kind else self.preset.distance_top_k)
-    geometry.write_distance_outputs(os.path.join(self.out, "distances", method), grids,
-                                    kplus_figures=_kplus_for(srcs[0].config.num_hidden_layers))
+        stacks, task_names=names,
+        metrics=geometry.meaningful_metrics(geometry.METRICS, lora_kind, top_k),
+        factors=("product", "a", "b") if lora_kind else ("product",), top_k=top_k)
+    out = os.path.join(self.out, "distances", method)
+    geometry.write_distance_outputs(out, grids,
+                                    kplus_figures=_kplus_for(srcs[0].config.num_hidden_layers),
+                                    families=dict(zip(names, evidence.paper_families(names))))
+    arrays, _ = merge_prediction.distance_arrays(grids)
+    summary = distance_study.distance_findings(
+        arrays, names, method=method, evaluability=self._evaluability(self.model_keys(method)))
+    io_utils.atomic_write_json(os.path.join(out, "summary.json"), summary)
 
   def _merge(self):
     out = os.path.join(self.out, "merge")
@@ -239,8 +306,21 @@ class Pipeline:
         with open(path) as f:
           md.append(f.read())
     io_utils.atomic_write_text(os.path.join(out, "report.md"), "\n\n".join(md))
+    ev = self._evaluability(self.model_keys("lora", all_seeds=False))
     io_utils.atomic_write_json(os.path.join(out, "summary.json"),
-                               {"findings": merge_findings(res)})
+                               {"findings": merge_study.study_findings(res, ev)})
+
+  def _prediction(self):
+    """δ from geometry, leave-one-task-out: LoRA distances of the first seeds (the runs
+    the merge study merged) against the merge study's δ."""
+    arrays, names = merge_prediction.read_distances(os.path.join(self.out, "distances", "lora"))
+    keep = [i for i, n in enumerate(names) if "#" not in n]
+    keys = set(evidence.distance_keys(arrays))
+    arrays = {k: (np.asarray(v)[np.ix_(keep, keep)] if k in keys else v)
+              for k, v in arrays.items()}
+    pairs = merge_prediction.read_merge_pairs(os.path.join(self.out, "merge"))
+    merge_prediction.run_prediction(arrays, [names[i] for i in keep], pairs,
+                                    os.path.join(self.out, "prediction"))
 
   def _representations(self):
     t = self.preset.repr_task
@@ -248,8 +328,9 @@ class Pipeline:
     res = representations.run_study([self.run_dir(t, m) for m in ("full", "lora", "bottleneck")],
                                     out, max_examples=self.preset.repr_max_examples,
                                     umap=self.preset.umap)
+    ev = self._evaluability([scores.model_key(t, m) for m in ("full", "lora", "bottleneck")])
     io_utils.atomic_write_json(os.path.join(out, "summary.json"),
-                               {"findings": representation_findings(res)})
+                               {"findings": representations.study_findings(res, ev)})
 
   def _one_vs_rest(self):
     p = self.preset
@@ -260,88 +341,10 @@ class Pipeline:
       with open(md) as f:
         io_utils.atomic_write_text(os.path.join(out, "report.md"), f.read())
     io_utils.atomic_write_json(os.path.join(out, "summary.json"),
-                               {"findings": one_vs_rest_findings(res)})
+                               {"findings": one_vs_rest.study_findings(res)})
 
   def _report(self):
     report.write_report(self)
-
-
-def merge_findings(res: Mapping[str, Any]) -> List[str]:
-  """Paper A Table 3 and paper C, checked on the study's numbers."""
-  import numpy as np
-  lines = []
-  pairs = res.get("pairs", {})
-  fa = pairs.get("lora_factor_average")
-  if fa:
-    for module, table in fa["spearman"].items():
-      get = lambda c: table.get(c, {}).get("mean", float("nan"))
-      l2, cos, dg = get("l2"), get("cos"), get("d_G")
-      lines.append(
-          f"(paper A, Table 3, {module}: cosine and Grassmann correlate with δ more than L2; "
-          f"paper {'0.65/0.65 vs 0.45' if module == 'query' else '0.68/0.64 vs 0.48'}): "
-          f"mean ρ L2 {l2:.2f}, cos {cos:.2f}, d_G {dg:.2f} — cosine > L2: "
-          f"{'yes' if cos > l2 else 'no'}; d_G > L2: {'yes' if dg > l2 else 'no'}; "
-          f"positive correlation (cos): {'yes' if cos > 0 else 'no'}.")
-  fp = pairs.get("lora_product_average")
-  if fa and fp:
-    da, dp = np.nanmean(np.asarray(fa["delta"], float)), np.nanmean(np.asarray(fp["delta"], float))
-    lines.append(f"(factor vs product averaging: factor averaging adds cross terms B1A2 + B2A1): "
-                 f"mean δ factor {da:.3f} vs product {dp:.3f} — product averaging hurts less: "
-                 f"{'yes' if dp < da else 'no'}.")
-  conflicts = res.get("ties", {}).get("0.2")
-  if conflicts:
-    ns = sorted(conflicts, key=int)
-    share = [conflicts[n]["mean"] for n in ns]
-    lines.append(f"(paper C: sign conflicts grow with the number of merged task vectors, top-20%): "
-                 f"{share[0]:.3f} at n={ns[0]} → {share[-1]:.3f} at n={ns[-1]} — grows: "
-                 f"{'yes' if findings.increasing(share) else 'no'}.")
-  multi = res.get("multitask", {}).get("methods", {})
-  if multi:
-    parts, drops = [], []
-    for m, v in multi.items():
-      rows = v["rows"]
-      parts.append(f"{m} {rows[0]['mean_normalised']:.2f}→{rows[-1]['mean_normalised']:.2f}")
-      drops.append(rows[-1]["mean_normalised"] < rows[0]["mean_normalised"])
-    lines.append("(paper C: merging more tasks lowers the normalised score): n=2 → n=T: "
-                 + ", ".join(parts) + f" — lower for {sum(drops)} of {len(drops)} methods.")
-  return lines
-
-
-def representation_findings(res: Mapping[str, Any]) -> List[str]:
-  """Paper B: PLM-vs-FT similarity fades with depth; BN stays closer to the PLM early."""
-  import numpy as np
-  lines = []
-  diag = {pair: np.asarray(d, float) for pair, d in res.get("cka_diagonal", {}).items()}
-  for pair, d in diag.items():
-    if "plm" in pair.lower() and "full" in pair.lower():
-      f = findings.fading_similarity(d)
-      lines.append(f"(paper B: PLM vs FT similarity fades from ~1 to ~0.2 across layers): "
-                   f"layer-wise CKA {f['first']:.2f} (layer {f['first_layer']}) → "
-                   f"{f['last']:.2f} (last layer), Spearman trend {f['trend_rho']:.2f} — fades: "
-                   f"{'yes' if f['fades'] else 'no'}.")
-  full = [d for p, d in diag.items() if "plm" in p.lower() and "full" in p.lower()]
-  bn = [d for p, d in diag.items() if "plm" in p.lower() and "bottleneck" in p.lower()]
-  if full and bn:
-    h = max(1, len(full[0]) // 2)
-    a, b = float(np.nanmean(bn[0][:h + 1])), float(np.nanmean(full[0][:h + 1]))
-    lines.append(f"(paper B: bottleneck adapters stay closer to the PLM in early layers): mean "
-                 f"CKA to PLM over layers ≤ {h} (NaN layers skipped) BN {a:.2f} vs FT {b:.2f} — "
-                 f"{'yes' if a > b else 'no'}.")
-  return lines
-
-
-def one_vs_rest_findings(res: Mapping[str, Any]) -> List[str]:
-  """Paper D: compare macro-F1 of the approaches (the paper found one-vs-rest competitive)."""
-  scores = {}
-  for name, entry in res.get("approaches", {}).items():
-    f1 = entry.get("macro_f1")
-    if f1 is not None:
-      scores[name] = float(f1)
-  if not scores:
-    return []
-  best = max(scores, key=scores.get)
-  return ["(paper D: multiclass vs one-vs-rest LoRA): macro-F1 " + ", ".join(
-      f"{k} {v:.3f}" for k, v in scores.items()) + f" — best: {best}."]
 
 
 def _kplus_for(num_layers: int) -> Tuple[int, ...]:
@@ -374,7 +377,7 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
   dense = l * layer_params + h * h  # + classifier dense
   total = dense + (v + config.max_position_embeddings + config.type_vocab_size) * h
   runs, total_flops, trees_by_method = [], 0.0, {}
-  for task, method in Pipeline(preset, "/dev/null").finetune_jobs():
+  for task, method, _ in Pipeline(preset, "/dev/null").finetune_jobs():
     tc = preset.train_config(task, method)
     name = task.replace("synth_", "")
     n_train = int(PAPER_TRAIN_SIZES.get(name, 10000) * 0.9)
@@ -391,7 +394,8 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
                  "epochs": tc.epochs, "batch_size": tc.batch_size, "train_examples": n_train,
                  "tflops_upper_bound": round(flops / 1e12, 1)})
   groups = []
-  for method, tasks in Pipeline(preset, "/dev/null").finetune_groups():
+  for method, members in Pipeline(preset, "/dev/null").finetune_groups():
+    tasks = [t for t, _ in members]
     tc = preset.train_config(tasks[0], method)
     tree = trees_by_method[(method, tc.lora_rank, tuple(tc.lora_targets), tc.bottleneck_size,
                             tc.bottleneck_reduction_factor)]

@@ -250,9 +250,10 @@ def check_compatible(configs: Sequence[TrainConfig]) -> None:
             f"Tasks {first.task!r} and {c.task!r} cannot train in one group: {f} differs "
             f"({getattr(first, f)!r} vs {getattr(c, f)!r}). Train them in separate groups "
             "(or with --max_concurrent=1).")
-  names = [c.task for c in configs]
+  names = [(c.task, c.seed) for c in configs]   # seeds of one task are distinct members
   if len(set(names)) != len(names):
-    raise ValueError(f"A task appears twice in the group {names}; list each task once.")
+    raise ValueError(f"A task appears twice with one seed in the group "
+                     f"{[c.task for c in configs]}; list each (task, seed) once.")
 
 
 def default_group_dir(run_dirs: Sequence[str], method: str) -> str:
