@@ -230,10 +230,12 @@ class Pipeline:
       if step.done():
         logging.info("[%d/%d] %s: done already, skipped", i + 1, len(steps), step.name)
         continue
-      logging.info("[%d/%d] %s ...", i + 1, len(steps), step.name)
       t = time.time()
-      step.run()
-      state["steps"][step.name] = {"seconds": round(time.time() - t, 1)}
+      headline = step.run()
+      seconds = time.time() - t
+      logging.info("[%d/%d] %s: %s (%.1f s)", i + 1, len(steps), step.name,
+                   headline if isinstance(headline, str) else "done", seconds)
+      state["steps"][step.name] = {"seconds": round(seconds, 1)}
       if writer:
         io_utils.atomic_write_json(state_path, state)
     state["last_total_seconds"] = round(time.time() - t0, 1)
@@ -253,9 +255,10 @@ class Pipeline:
     configs = [self.preset.train_config(t, method, k) for t, k in members]
     dirs = [self.run_dir(t, method, k) for t, k in members]
     if len(members) == 1:
-      loop.finetune(configs[0], dirs[0])
+      results = [loop.finetune(configs[0], dirs[0])]
     else:
-      group.finetune_many(configs, dirs, max_concurrent=self.preset.max_concurrent)
+      results = group.finetune_many(configs, dirs, max_concurrent=self.preset.max_concurrent)
+    return finetune_headline(results)
 
   def _sources(self, method: str, tasks: Optional[Sequence[str]] = None,
                all_seeds: bool = False):
@@ -270,7 +273,10 @@ class Pipeline:
   def _scores(self):
     models = {scores.model_key(t, m, k): self.run_dir(t, m, k)
               for t, m, k in self.finetune_jobs()}
-    scores.score_study(models, os.path.join(self.out, "scores"))
+    summary = scores.score_study(models, os.path.join(self.out, "scores"))
+    near = summary["near_chance"]
+    return (f"{len(models) - len(near)} of {len(models)} models above chance"
+            + (f"; near chance: {', '.join(near)}" if near else ""))
 
   def _distances(self, method: str):
     srcs = self._sources(method, all_seeds=True)
@@ -345,6 +351,13 @@ class Pipeline:
 
   def _report(self):
     report.write_report(self)
+
+
+def finetune_headline(results: Sequence[Mapping[str, Any]]) -> str:
+  """One line for a fine-tuning step: each run's test main metric (×100), lowest first."""
+  scored = sorted((r["metrics"]["test"][r.get("main_metric", "accuracy")], r["task"])
+                  for r in results)
+  return "test main metric ×100: " + ", ".join(f"{task} {100 * v:.1f}" for v, task in scored)
 
 
 def _kplus_for(num_layers: int) -> Tuple[int, ...]:
