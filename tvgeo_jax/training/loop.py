@@ -383,9 +383,10 @@ class _Trainer:
     self.writer.write(record)
     for h in self.hooks:
       h.epoch_end(record)
-    logging.info("epoch %d: validation loss %.4f %s (best epoch %d)", self.epoch + 1,
-                 val["loss"], {k: round(v, 4) for k, v in record["validation"].items()
-                               if isinstance(v, float)}, self.stopper.best_epoch + 1)
+    hooks_lib.log_progress(
+        s.config.progress, "epoch %d: validation loss %.4f %s (best epoch %d)", self.epoch + 1,
+        val["loss"], {k: round(v, 4) for k, v in record["validation"].items()
+                      if isinstance(v, float)}, self.stopper.best_epoch + 1)
     if self.stopper.improved_last:
       self.ckpts.save_best(step_no, self.state["trainable"],
                            {"epoch": self.epoch, "validation": val})
