@@ -228,13 +228,13 @@ class Pipeline:
     for i, step in enumerate(bar):
       bar.set_postfix_str(step.name)
       if step.done():
-        logging.info("[%d/%d] %s: done already, skipped", i + 1, len(steps), step.name)
+        bar.write(f"[{i + 1}/{len(steps)}] {step.name}: done already, skipped")
         continue
       t = time.time()
       headline = step.run()
       seconds = time.time() - t
-      logging.info("[%d/%d] %s: %s (%.1f s)", i + 1, len(steps), step.name,
-                   headline if isinstance(headline, str) else "done", seconds)
+      bar.write(f"[{i + 1}/{len(steps)}] {step.name}: "
+                f"{headline if isinstance(headline, str) else 'done'} ({seconds:.1f} s)")
       state["steps"][step.name] = {"seconds": round(seconds, 1)}
       if writer:
         io_utils.atomic_write_json(state_path, state)
