@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import tempfile
 
+import subprocess
+import sys
+
 from absl.testing import absltest
-from absl.testing import flagsaver
-from absl import app, flags
 import numpy as np
 
-from experiments import predict_merge
 from tvgeo_jax.studies import interference
 from tvgeo_jax.core import io_utils
 from tvgeo_jax.geometry.grid import DistanceGrid
@@ -26,9 +26,15 @@ from tvgeo_jax.studies import merge_prediction as mp
 DRIVER = "value/product/cosine"
 
 
-def setUpModule():
-  if not flags.FLAGS.is_parsed():          # under pytest, absl has not parsed the flags
-    flags.FLAGS(["test_merge_prediction"])
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+  """``python -m experiments.predict_merge ARGS`` in its own process (entry points define
+  their flags globally, so each CLI's test runs it as a user does)."""
+  return subprocess.run([sys.executable, "-m", "experiments.predict_merge", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 def plant_distances(rng, t, layers=4, modules=("query", "value"), factors=("product", "a"),
@@ -214,9 +220,9 @@ class EntryPointTest(absltest.TestCase):
     root = tempfile.mkdtemp()
     names, delta = _write_study(root)
     out = os.path.join(root, "pred")
-    with flagsaver.flagsaver(distances=os.path.join(root, "distances"),
-                             merge=os.path.join(root, "merge"), out=out):
-      predict_merge.main([])
+    proc = run_cli(f"--distances={os.path.join(root, 'distances')}",
+                   f"--merge={os.path.join(root, 'merge')}", f"--out={out}")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     doc = io_utils.read_json(os.path.join(out, mp.SUMMARY_FILE))
     self.assertEqual(doc["method"], "lora_factor_average")
     self.assertEqual(doc["names"], names)
@@ -232,12 +238,12 @@ class EntryPointTest(absltest.TestCase):
       self.assertIn("| ridge |", f.read())
 
   def test_flag_mistakes_are_usage_errors(self):
-    with flagsaver.flagsaver(distances="x", merge=None):
-      with self.assertRaisesRegex(app.UsageError, "--merge"):
-        predict_merge.main([])
-    with flagsaver.flagsaver(distances="x", merge="y", runs=["r"]):
-      with self.assertRaisesRegex(app.UsageError, "not both"):
-        predict_merge.main([])
+    proc = run_cli("--distances=x")
+    self.assertEqual(proc.returncode, 2, proc.stderr)
+    self.assertIn("--merge", proc.stderr)
+    proc = run_cli("--distances=x", "--merge=y", "--runs=r")
+    self.assertEqual(proc.returncode, 2, proc.stderr)
+    self.assertIn("not both", proc.stderr)
 
   def test_distances_of_other_runs_are_refused(self):
     root = tempfile.mkdtemp()

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
                            process_id=int(sys.argv[3]))
-from tvgeo_jax import runs
+from tvgeo_jax.training import runs
 from tvgeo_jax.training import compile_cache, loop, presets
 compile_cache.enable(sys.argv[5])
 params = runs.load_run(sys.argv[1]).params
