@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from tvgeo_jax import io_utils, mlm, paths
 from tvgeo_jax.models import EncoderConfig, apply, init_params, save_pretrained
 
 CORPUS_SEED = 1000
-VERSION = "v1"
+VERSION = "v2"
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # <s> <pad> </s> <unk> <mask>
 MASK_ID = 4
 
@@ -58,10 +58,18 @@ class PretrainConfig:
   corpus_scale: float = 1.0
   eval_blocks: int = 256
   seed: int = 0
+  # Sentence-level signal: blocks start at a text's <s>, and the first position's final
+  # state predicts ``cls_targets`` tokens drawn from its block (a bag-of-words objective
+  # through the MLM head), so the state a classification head reads summarises its input.
+  cls_targets: int = 0
 
 
 def default_dir() -> str:
-  return os.path.join(paths.cache_dir(), f"embedded-base-{VERSION}")
+  """The cache directory of the base; named after the recipe and the generator version
+  (the corpus and the tokenizer change with it)."""
+  from tvgeo_jax.data import synthetic
+  return os.path.join(paths.cache_dir(),
+                      f"embedded-base-{VERSION}-g{synthetic.GENERATOR_VERSION}")
 
 
 def pack_corpus(token_rows, seq_len: int) -> np.ndarray:
@@ -69,6 +77,31 @@ def pack_corpus(token_rows, seq_len: int) -> np.ndarray:
   flat = np.concatenate([np.asarray(r, np.int32) for r in token_rows])
   n = len(flat) // seq_len
   return flat[: n * seq_len].reshape(n, seq_len)
+
+
+def pack_aligned(token_rows, seq_len: int) -> np.ndarray:
+  """``[N, seq_len]`` blocks of the concatenated texts, each starting at a text's first
+  token (``<s>``), as a fine-tuning input does; blocks do not overlap."""
+  flat = np.concatenate([np.asarray(r, np.int32) for r in token_rows])
+  starts = np.cumsum([0] + [len(r) for r in token_rows[:-1]])
+  chosen, last = [], -seq_len
+  for s in starts:
+    if s >= last + seq_len and s + seq_len <= len(flat):
+      chosen.append(s)
+      last = s
+  return np.stack([flat[s:s + seq_len] for s in chosen])
+
+
+def cls_bag_targets(rng: jax.Array, input_ids: jax.Array, k: int,
+                    special_ids: Tuple[int, ...]) -> Tuple[jax.Array, jax.Array]:
+  """``k`` tokens drawn without replacement from each row's non-special tokens:
+  (targets [B, k], weights [B, k]; 0 where a row has fewer than k such tokens)."""
+  candidate = jnp.ones(input_ids.shape, bool)
+  for s in special_ids:
+    candidate &= input_ids != s
+  scores = jnp.where(candidate, jax.random.uniform(rng, input_ids.shape), -1.0)
+  top, pos = jax.lax.top_k(scores, k)
+  return jnp.take_along_axis(input_ids, pos, axis=1), (top >= 0).astype(jnp.float32)
 
 
 def _corpus_rows(cfg: PretrainConfig):
@@ -108,9 +141,10 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
   train_config = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   train_rows, held_rows = _corpus_rows(cfg)
   order_rng = np.random.RandomState(cfg.seed)
-  short = _BlockSampler(pack_corpus(train_rows, cfg.seq_len), cfg.batch_size, order_rng)
+  pack = pack_aligned if cfg.cls_targets else pack_corpus
+  short = _BlockSampler(pack(train_rows, cfg.seq_len), cfg.batch_size, order_rng)
   long_batch = max(1, cfg.batch_size * cfg.seq_len // cfg.long_seq_len)
-  long = _BlockSampler(pack_corpus(train_rows, cfg.long_seq_len), long_batch, order_rng)
+  long = _BlockSampler(pack(train_rows, cfg.long_seq_len), long_batch, order_rng)
   held_out = pack_corpus(held_rows, cfg.seq_len)[:cfg.eval_blocks]
   params = init_params(config, head="mlm", seed=cfg.seed)
   opt = make_optimizer(params, learning_rate=cfg.learning_rate, total_steps=cfg.steps,
@@ -120,16 +154,25 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
   mask_kw = dict(mask_token_id=MASK_ID, vocab_size=config.vocab_size,
                  special_ids=SPECIAL_IDS, mask_prob=cfg.mask_prob)
 
-  def loss_fn(p, ids, rng):
+  def loss_fn(p, ids, rng, cls_targets=0):
+    """MLM loss; with ``cls_targets`` also the first position's bag-of-words loss."""
     att = jnp.ones_like(ids)
-    masked, positions, targets, weights = mlm.mask_tokens(rng, ids, att, **mask_kw)
+    k_mask, k_cls = jax.random.split(rng)
+    masked, positions, targets, weights = mlm.mask_tokens(k_mask, ids, att, **mask_kw)
+    p_mlm = positions.shape[1]
+    if cls_targets:
+      bag, bag_w = cls_bag_targets(k_cls, ids, cls_targets, SPECIAL_IDS)
+      positions = jnp.concatenate([positions, jnp.zeros_like(bag)], axis=1)
     out = apply(p, {"input_ids": masked, "attention_mask": att}, config=train_config,
                 head="mlm", mlm_positions=positions)
-    return mlm.mlm_loss(out["logits"], targets, weights)
+    loss = mlm.mlm_loss(out["logits"][:, :p_mlm], targets, weights)
+    if cls_targets:
+      loss = loss + mlm.mlm_loss(out["logits"][:, p_mlm:], bag, bag_w)
+    return loss
 
   @jax.jit
   def train_step(p, s, ids, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(p, ids, rng)
+    loss, grads = jax.value_and_grad(loss_fn)(p, ids, rng, cfg.cls_targets)
     updates, s = opt.update(grads, s, p)
     return optax.apply_updates(p, updates), s, loss
 
