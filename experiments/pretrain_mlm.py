@@ -25,6 +25,8 @@ flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Blocks per step.")
 flags.DEFINE_integer("seq_len", _DEFAULTS.seq_len, "Tokens per (short) block.")
 flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak learning rate.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed (init, data order, masks).")
+flags.DEFINE_integer("cls_targets", _DEFAULTS.cls_targets,
+                     "Tokens of its block the first position predicts (0: MLM only).")
 
 
 def main(argv):
@@ -35,7 +37,7 @@ def main(argv):
   else:
     cfg = dataclasses.replace(_DEFAULTS, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                               seq_len=FLAGS.seq_len, learning_rate=FLAGS.learning_rate,
-                              seed=FLAGS.seed)
+                              seed=FLAGS.seed, cls_targets=FLAGS.cls_targets)
     config, params, report = embedded.pretrain(cfg)
     embedded.save(out, config, params, report)
   with open(f"{out}/pretrain.json") as f:

@@ -58,8 +58,36 @@ class MaskingTest(absltest.TestCase):
     blocks = embedded.pack_corpus([[0, 5, 2], [0, 6, 7, 2], [0, 9, 2]], 4)
     np.testing.assert_array_equal(blocks, [[0, 5, 2, 0], [6, 7, 2, 0]])
 
+  def test_pack_aligned_starts_every_block_at_a_text(self):
+    rows = [[0, 5, 2], [0, 6, 7, 2], [0, 9, 2], [0, 8, 8, 8, 2]]
+    blocks = embedded.pack_aligned(rows, 4)
+    np.testing.assert_array_equal(blocks, [[0, 5, 2, 0], [0, 9, 2, 0]])
+
+  def test_cls_bag_targets_draw_distinct_content_tokens(self):
+    ids = np.array([[0, 11, 12, 13, 2, 0, 14, 2], [0, 21, 2, 1, 1, 1, 1, 1]], np.int32)
+    targets, w = map(np.asarray, embedded.cls_bag_targets(jax.random.PRNGKey(3), ids, 3,
+                                                          embedded.SPECIAL_IDS))
+    self.assertEqual(targets.shape, (2, 3))
+    self.assertLen(set(targets[0]), 3)
+    self.assertTrue(set(targets[0]) <= {11, 12, 13, 14})
+    np.testing.assert_array_equal(w, [[1, 1, 1], [1, 0, 0]])
+    self.assertEqual(targets[1][w[1] > 0].tolist(), [21])
+
 
 class EmbeddedBaseTest(absltest.TestCase):
+
+  def test_short_pretraining_is_reproducible(self):
+    cfg = embedded.PretrainConfig(steps=6, batch_size=8, seq_len=16, long_seq_len=32,
+                                  long_every=3, corpus_scale=0.05, eval_blocks=16,
+                                  cls_targets=4)
+    config = embedded.embedded_config().replace(num_hidden_layers=1)
+    runs = [embedded.pretrain(cfg, config=config, progress=False) for _ in range(2)]
+    for a, b in zip(jax.tree.leaves(runs[0][1]), jax.tree.leaves(runs[1][1])):
+      np.testing.assert_array_equal(a, b)
+    self.assertEqual(runs[0][2]["mlm_loss_final"], runs[1][2]["mlm_loss_final"])
+    with tempfile.TemporaryDirectory() as d:  # the saved base re-evaluates to its record
+      embedded.save(d, *runs[0])
+      self.assertAlmostEqual(embedded.evaluate_base(d), runs[0][2]["mlm_loss_final"], places=4)
 
   def test_short_pretraining_learns_and_saves_a_transformers_checkpoint(self):
     cfg = embedded.PretrainConfig(steps=40, batch_size=16, seq_len=32, long_seq_len=64,

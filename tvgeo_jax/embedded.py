@@ -27,6 +27,10 @@ from tvgeo_jax import io_utils, mlm, paths
 from tvgeo_jax.models import EncoderConfig, apply, init_params, save_pretrained
 
 CORPUS_SEED = 1000
+# The base pretrained once with ``python -m experiments.pretrain_mlm`` (see BUILD_NOTES),
+# shipped so the offline study spends no budget on pretraining.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                           "embedded_base")
 VERSION = "v2"
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # <s> <pad> </s> <unk> <mask>
 MASK_ID = 4
@@ -61,7 +65,12 @@ class PretrainConfig:
   # Sentence-level signal: blocks start at a text's <s>, and the first position's final
   # state predicts ``cls_targets`` tokens drawn from its block (a bag-of-words objective
   # through the MLM head), so the state a classification head reads summarises its input.
-  cls_targets: int = 0
+  cls_targets: int = 8
+
+
+def _generator_version() -> str:
+  from tvgeo_jax.data import synthetic
+  return synthetic.GENERATOR_VERSION
 
 
 def default_dir() -> str:
@@ -104,10 +113,10 @@ def cls_bag_targets(rng: jax.Array, input_ids: jax.Array, k: int,
   return jnp.take_along_axis(input_ids, pos, axis=1), (top >= 0).astype(jnp.float32)
 
 
-def _corpus_rows(cfg: PretrainConfig):
+def _corpus_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
   """Tokenised corpus texts in a seeded order; the first 5% are held out."""
   from tvgeo_jax.data import load_tokenizer, synthetic
-  tok = load_tokenizer("tiny")
+  tok = load_tokenizer(tokenizer)
   texts = synthetic.corpus(seed=CORPUS_SEED, scale=cfg.corpus_scale)
   order = np.random.RandomState(cfg.seed).permutation(len(texts))
   rows = tok([texts[i] for i in order], add_special_tokens=True)["input_ids"]
@@ -128,6 +137,52 @@ class _BlockSampler:
     out = self.blocks[self.perm[self.pos:self.pos + self.batch_size]]
     self.pos += self.batch_size
     return out
+
+
+def _loss_fn(p, ids, rng, *, config: EncoderConfig, mask_prob: float, cls_targets: int = 0):
+  """MLM loss (nats); with ``cls_targets`` plus the first position's bag-of-words loss."""
+  att = jnp.ones_like(ids)
+  k_mask, k_cls = jax.random.split(rng)
+  masked, positions, targets, weights = mlm.mask_tokens(
+      k_mask, ids, att, mask_token_id=MASK_ID, vocab_size=config.vocab_size,
+      special_ids=SPECIAL_IDS, mask_prob=mask_prob)
+  p_mlm = positions.shape[1]
+  if cls_targets:
+    bag, bag_w = cls_bag_targets(k_cls, ids, cls_targets, SPECIAL_IDS)
+    positions = jnp.concatenate([positions, jnp.zeros_like(bag)], axis=1)
+  out = apply(p, {"input_ids": masked, "attention_mask": att}, config=config,
+              head="mlm", mlm_positions=positions)
+  loss = mlm.mlm_loss(out["logits"][:, :p_mlm], targets, weights)
+  if cls_targets:
+    loss = loss + mlm.mlm_loss(out["logits"][:, p_mlm:], bag, bag_w)
+  return loss
+
+
+def held_out_loss(params, config: EncoderConfig, cfg: PretrainConfig, held_out: np.ndarray
+                  ) -> float:
+  """Mean MLM loss over the held-out blocks, with the same masks at every call."""
+  config = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  fn = jax.jit(lambda p, ids, rng: _loss_fn(p, ids, rng, config=config,
+                                            mask_prob=cfg.mask_prob))
+  rng = jax.random.PRNGKey(12345)
+  losses = [fn(params, held_out[i:i + cfg.batch_size], jax.random.fold_in(rng, i))
+            for i in range(0, len(held_out) - cfg.batch_size + 1, cfg.batch_size)]
+  return float(np.mean([float(x) for x in losses]))
+
+
+def held_out_blocks(cfg: PretrainConfig, tokenizer: str = "tiny") -> np.ndarray:
+  """The held-out MLM blocks of a pretraining run (tokenised with ``tokenizer``)."""
+  return pack_corpus(_corpus_rows(cfg, tokenizer)[1], cfg.seq_len)[:cfg.eval_blocks]
+
+
+def evaluate_base(directory: str) -> float:
+  """Recompute a saved base's held-out MLM loss (``pretrain.json``'s recipe and corpus,
+  the base's own tokenizer); it equals the recorded ``mlm_loss_final``."""
+  from tvgeo_jax.models import load_pretrained
+  report = io_utils.read_json(os.path.join(directory, "pretrain.json"))
+  cfg = PretrainConfig(**report["pretrain_config"])
+  config, params = load_pretrained(directory, head="mlm")
+  return held_out_loss(params, config, cfg, held_out_blocks(cfg, directory))
 
 
 def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
@@ -151,41 +206,17 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
                        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                        max_grad_norm=1.0)
   opt_state = opt.init(params)
-  mask_kw = dict(mask_token_id=MASK_ID, vocab_size=config.vocab_size,
-                 special_ids=SPECIAL_IDS, mask_prob=cfg.mask_prob)
-
-  def loss_fn(p, ids, rng, cls_targets=0):
-    """MLM loss; with ``cls_targets`` also the first position's bag-of-words loss."""
-    att = jnp.ones_like(ids)
-    k_mask, k_cls = jax.random.split(rng)
-    masked, positions, targets, weights = mlm.mask_tokens(k_mask, ids, att, **mask_kw)
-    p_mlm = positions.shape[1]
-    if cls_targets:
-      bag, bag_w = cls_bag_targets(k_cls, ids, cls_targets, SPECIAL_IDS)
-      positions = jnp.concatenate([positions, jnp.zeros_like(bag)], axis=1)
-    out = apply(p, {"input_ids": masked, "attention_mask": att}, config=train_config,
-                head="mlm", mlm_positions=positions)
-    loss = mlm.mlm_loss(out["logits"][:, :p_mlm], targets, weights)
-    if cls_targets:
-      loss = loss + mlm.mlm_loss(out["logits"][:, p_mlm:], bag, bag_w)
-    return loss
 
   @jax.jit
   def train_step(p, s, ids, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(p, ids, rng, cfg.cls_targets)
+    loss, grads = jax.value_and_grad(_loss_fn)(p, ids, rng, config=train_config,
+                                               mask_prob=cfg.mask_prob,
+                                               cls_targets=cfg.cls_targets)
     updates, s = opt.update(grads, s, p)
     return optax.apply_updates(p, updates), s, loss
 
-  eval_loss = jax.jit(loss_fn)
-
-  def held_out_loss(p):
-    rng = jax.random.PRNGKey(12345)  # the same masks every evaluation
-    losses = [eval_loss(p, held_out[i:i + cfg.batch_size], jax.random.fold_in(rng, i))
-              for i in range(0, len(held_out) - cfg.batch_size + 1, cfg.batch_size)]
-    return float(np.mean([float(x) for x in losses]))
-
   baseline = mlm.unigram_baseline(train_rows, SPECIAL_IDS)
-  initial = held_out_loss(params)
+  initial = held_out_loss(params, config, cfg, held_out)
   key = jax.random.PRNGKey(cfg.seed)
   t0 = time.time()
   bar = _progress(cfg.steps, progress)
@@ -199,7 +230,7 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
       bar.set_postfix(loss=f"{float(loss):.3f}")
     bar.update(1)
   bar.close()
-  final = held_out_loss(params)
+  final = held_out_loss(params, config, cfg, held_out)
   report = {
       "steps": cfg.steps, "train_texts": len(train_rows), "held_out_blocks": int(len(held_out)),
       "tokens_seen": int(cfg.steps * cfg.batch_size * cfg.seq_len),
@@ -207,6 +238,7 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
       "mlm_loss_initial": initial, "mlm_loss_final": final,
       "unigram_baseline_loss": baseline, "train_loss_log": losses,
       "pretrain_config": dataclasses.asdict(cfg), "corpus_seed": CORPUS_SEED,
+      "base_version": VERSION, "generator_version": _generator_version(),
   }
   return config, jax.tree.map(np.asarray, params), report
 
@@ -238,9 +270,25 @@ def is_built(directory: str) -> bool:
              for f in ("config.json", "model.safetensors", "pretrain.json"))
 
 
+def shipped_is_current() -> bool:
+  """Whether the base shipped in the package matches this recipe and generator version."""
+  if not is_built(SHIPPED_DIR):
+    return False
+  report = io_utils.read_json(os.path.join(SHIPPED_DIR, "pretrain.json"))
+  return (report.get("base_version") == VERSION
+          and report.get("generator_version") == _generator_version())
+
+
 def ensure_embedded_base(directory: Optional[str] = None,
                          cfg: Optional[PretrainConfig] = None) -> str:
-  """The embedded base's directory, pretraining it first if it is not cached."""
+  """The embedded base's directory.
+
+  Without ``directory``: a base rebuilt into the cache (``experiments.pretrain_mlm``)
+  if there is one, else the base shipped in the package, else one pretrained now
+  into the cache. With ``directory``: that one, pretrained first if it is not built.
+  """
+  if directory is None and not is_built(default_dir()) and shipped_is_current():
+    return SHIPPED_DIR
   directory = directory or default_dir()
   if not is_built(directory):
     logging.info("Embedded base not found in %s: pretraining it (once).", directory)

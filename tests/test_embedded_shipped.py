@@ -1,0 +1,37 @@
+"""The embedded base shipped inside the package: current, loadable, and what it records."""
+import os
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+
+from tvgeo_jax import embedded, io_utils, models
+
+
+class ShippedBaseTest(absltest.TestCase):
+
+  def test_shipped_base_is_current_and_used_without_a_rebuilt_one(self):
+    self.assertTrue(embedded.shipped_is_current(),
+                    "the shipped base is missing or stale: rebuild it with "
+                    "python -m experiments.pretrain_mlm --out=tvgeo_jax/assets/embedded_base")
+    with tempfile.TemporaryDirectory() as cache, \
+        mock.patch.dict(os.environ, {"TVGEO_CACHE": cache}):
+      self.assertEqual(embedded.ensure_embedded_base(), embedded.SHIPPED_DIR)
+      config, params = models.load_pretrained("embedded", num_labels=2)
+      self.assertEqual(config.num_hidden_layers, embedded.embedded_config().num_hidden_layers)
+      self.assertEqual(params["classifier"]["out_proj"]["kernel"].shape,
+                       (config.hidden_size, 2))
+      self.assertFalse(os.listdir(cache) and embedded.is_built(embedded.default_dir()))
+    size = sum(os.path.getsize(os.path.join(embedded.SHIPPED_DIR, f))
+               for f in os.listdir(embedded.SHIPPED_DIR))
+    self.assertLess(size, 5 * 2**20)
+
+  def test_held_out_mlm_loss_matches_the_record(self):
+    report = io_utils.read_json(os.path.join(embedded.SHIPPED_DIR, "pretrain.json"))
+    self.assertLess(report["mlm_loss_final"], report["unigram_baseline_loss"] - 1.0)
+    self.assertAlmostEqual(embedded.evaluate_base(embedded.SHIPPED_DIR),
+                           report["mlm_loss_final"], places=4)
+
+
+if __name__ == "__main__":
+  absltest.main()
