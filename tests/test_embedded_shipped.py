@@ -5,7 +5,7 @@ from unittest import mock
 
 from absl.testing import absltest
 
-from tvgeo_jax import embedded, io_utils, models
+from tvgeo_jax import data, embedded, io_utils, models
 
 
 class ShippedBaseTest(absltest.TestCase):
@@ -25,6 +25,10 @@ class ShippedBaseTest(absltest.TestCase):
     size = sum(os.path.getsize(os.path.join(embedded.SHIPPED_DIR, f))
                for f in os.listdir(embedded.SHIPPED_DIR))
     self.assertLess(size, 5 * 2**20)
+
+  def test_shipped_tokenizer_is_the_suites(self):
+    shipped = data.load_tokenizer(embedded.SHIPPED_DIR)
+    self.assertEqual(shipped.get_vocab(), data.load_tokenizer("tiny").get_vocab())
 
   def test_held_out_mlm_loss_matches_the_record(self):
     report = io_utils.read_json(os.path.join(embedded.SHIPPED_DIR, "pretrain.json"))

@@ -12,6 +12,7 @@ fine-tuning tasks (seed ``CORPUS_SEED``), i.e. the same language, other sentence
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -66,6 +67,7 @@ class PretrainConfig:
   # state predicts ``cls_targets`` tokens drawn from its block (a bag-of-words objective
   # through the MLM head), so the state a classification head reads summarises its input.
   cls_targets: int = 8
+  aligned_blocks: bool = False  # text-aligned blocks without the bag-of-words loss
 
 
 def _generator_version() -> str:
@@ -158,12 +160,17 @@ def _loss_fn(p, ids, rng, *, config: EncoderConfig, mask_prob: float, cls_target
   return loss
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_fn(config: EncoderConfig, mask_prob: float):
+  """The jitted held-out MLM loss, compiled once per (config, mask_prob)."""
+  return jax.jit(lambda p, ids, rng: _loss_fn(p, ids, rng, config=config, mask_prob=mask_prob))
+
+
 def held_out_loss(params, config: EncoderConfig, cfg: PretrainConfig, held_out: np.ndarray
                   ) -> float:
   """Mean MLM loss over the held-out blocks, with the same masks at every call."""
-  config = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  fn = jax.jit(lambda p, ids, rng: _loss_fn(p, ids, rng, config=config,
-                                            mask_prob=cfg.mask_prob))
+  fn = _eval_fn(config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                cfg.mask_prob)
   rng = jax.random.PRNGKey(12345)
   losses = [fn(params, held_out[i:i + cfg.batch_size], jax.random.fold_in(rng, i))
             for i in range(0, len(held_out) - cfg.batch_size + 1, cfg.batch_size)]
@@ -196,7 +203,7 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
   train_config = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   train_rows, held_rows = _corpus_rows(cfg)
   order_rng = np.random.RandomState(cfg.seed)
-  pack = pack_aligned if cfg.cls_targets else pack_corpus
+  pack = pack_aligned if cfg.aligned_blocks or cfg.cls_targets else pack_corpus
   short = _BlockSampler(pack(train_rows, cfg.seq_len), cfg.batch_size, order_rng)
   long_batch = max(1, cfg.batch_size * cfg.seq_len // cfg.long_seq_len)
   long = _BlockSampler(pack(train_rows, cfg.long_seq_len), long_batch, order_rng)
