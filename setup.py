@@ -26,10 +26,12 @@ setup(
         "matplotlib>=3.8",
         "umap-learn>=0.5.7",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is pinned to the CPU build that the project's machines carry on disk:
         # an unpinned torch (pulled in by peft) would download a multi-GB CUDA build.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13", "chex>=0.1.87"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "peft>=0.13", "chex>=0.1.87",
+                 "tensorboard>=2.15"],
     },
 )

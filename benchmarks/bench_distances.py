@@ -1,6 +1,7 @@
 """Benchmark: the one-call distance grid against the naive per-pair loop.
 
-    python -m benchmarks.bench_distances [--scales=paper,hub] [--data=random]
+    python -m benchmarks.bench_distances [--scales=paper,hub] [--data=random|shared|near]
+        [--methods=auto] [--plan=hub1000]
 
 (a) naive: what a user would write -- for every module, layer and task pair,
     materialise ``B @ A`` in NumPy and call ``np.linalg.norm`` (L2, cosine) and
@@ -9,12 +10,18 @@
 (b) ours: ``tvgeo_jax.geometry.grid_arrays`` -- all metrics, pairs and layers
     (all modules of one shape concatenated) in one jitted call; compile time is
     reported separately, run time is the median of ``--repeats`` calls after it.
+    ``--methods`` times the L2/cosine paths: ``gram`` (inner products only, the
+    cancelling path), ``auto`` (near pairs from their differenced factors, the
+    default) and ``difference`` (every pair differenced).
 
-FLOPs of (b) are counted analytically (bases, Grams, pair cores; the sine step
-only when the data triggers it, ``--data=shared``) and compared with the
-machine's measured float32 matmul rate (a 4096^3 ``jnp.matmul``).
+FLOPs of (b) come from ``geometry.plan_grid`` (bases, Grams, pair cores; the
+differenced path and the sine step only when the data or method triggers them)
+and are compared with the machine's measured float32 matmul rate (4096^3).
 ``--data=shared`` gives every task a common subspace so that all pairs need the
-``O(d r²)`` sine step (the worst case); ``random`` tasks are nearly orthogonal.
+``O(d r²)`` sine step; ``near`` makes every task a small perturbation of one
+adapter (every pair near: differenced L2/cosine and sine step, the worst case);
+``random`` tasks are nearly orthogonal. ``--plan`` prints the dry-run plan of
+larger grids (``hub1000``: T=1000 adapters of roberta-base shape) without running.
 """
 from __future__ import annotations
 
@@ -30,17 +37,24 @@ from absl import app, flags
 
 from tvgeo_jax.geometry import grid as grid_lib
 from tvgeo_jax.geometry import linalg
+from tvgeo_jax.geometry import plan as plan_lib
+from tvgeo_jax.training import sharding
 
 SCALES = {
     # name: (T tasks, L layers, d = out = in, r, modules)
     "paper": (10, 12, 768, 8, ("query", "value")),
     "hub": (100, 32, 4096, 16, ("query",)),
+    "hub1000": (1000, 12, 768, 16, ("query", "value")),     # roberta-base shape, planned only
 }
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("scales", ["paper", "hub"], "Scales to run: paper, hub.")
-flags.DEFINE_enum("data", "random", ["random", "shared"], "Task vectors: independent, or "
-                  "sharing half their column space (every pair takes the sine step).")
+flags.DEFINE_enum("data", "random", ["random", "shared", "near"], "Task vectors: independent, "
+                  "sharing half their column space (every pair takes the sine step), or all "
+                  "within 1e-3 of one adapter (every pair near).")
+flags.DEFINE_list("methods", ["auto"], "L2/cosine paths to time: gram, auto, difference.")
+flags.DEFINE_list("plan", ["hub1000"], "Scales whose dry-run plan is printed (not run).")
+flags.DEFINE_float("max_memory", None, "GiB per device for the plans and runs (default tiles).")
 flags.DEFINE_integer("naive_pairs", 4, "Pairs timed for the naive loop (then extrapolated).")
 flags.DEFINE_integer("repeats", 2, "Timed calls of the grid after compilation.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -54,6 +68,9 @@ def make_stack(t, l, d, r, n_mod, data, seed):
   if data == "shared":
     common = rng.standard_normal((1, n_mod * l, d, r // 2), dtype=np.float32) * 0.01
     b[..., : r // 2] = common + 0.05 * b[..., : r // 2]
+  if data == "near":
+    a = a[:1] + 1e-3 * a
+    b = b[:1] + 1e-3 * b
   return a, b
 
 
@@ -79,23 +96,8 @@ def time_naive(a, b, n_samples, seed):
     t0 = time.perf_counter()
     naive_pair(b[i, k], a[i, k], b[j, k], a[j, k])
     times.append(time.perf_counter() - t0)
-  per = float(np.mean(times))
+  per = float(np.mean(times)) if times else float("nan")     # --naive_pairs=0 skips it
   return per * total, per, total, len(picks)
-
-
-def grid_flops(t, lm, d, r, sine_pairs_frac):
-  """Analytic FLOPs of one grid call (all metrics, factor=product)."""
-  blk = grid_lib.default_gram_block(t)
-  nb = math.ceil(t / blk)
-  tp = nb * blk if t > blk else t
-  gram_frac = (nb * (nb + 1) / 2) / nb ** 2 if t > blk else 1.0
-  per_layer = 0.0
-  per_layer += 2 * t * 10 * d * r * r                    # SVQB bases of B and Aᵀ (2 sides)
-  per_layer += 2 * 2 * (tp * r) ** 2 * d * gram_frac     # Grams qbᵀqb and qaᵀqa
-  pairs = t * (t - 1) / 2
-  per_layer += t * t * 4 * r ** 3 + pairs * 4 * r ** 3    # inner-product cores, cosine matrices
-  per_layer += sine_pairs_frac * pairs * 6 * d * r * r    # sine step (W and its Gram)
-  return per_layer * lm
 
 
 def matmul_rate(n=4096):
@@ -110,29 +112,55 @@ def matmul_rate(n=4096):
   return 2 * n ** 3 / best
 
 
-def run_scale(name, data, n_naive, repeats, seed) -> Dict[str, float]:
+def _max_memory():
+  return None if FLAGS.max_memory is None else int(FLAGS.max_memory * 2 ** 30)
+
+
+def run_scale(name, data, method, n_naive, repeats, seed) -> Dict[str, float]:
   t, l, d, r, mods = SCALES[name]
   a, b = make_stack(t, l, d, r, len(mods), data, seed)
   lm = a.shape[1]
   aj, bj = jnp.asarray(a), jnp.asarray(b)
+  call = lambda: grid_lib.grid_arrays((aj, bj), flat_method=method, max_memory=_max_memory())
   t0 = time.perf_counter()
-  jax.block_until_ready(grid_lib.grid_arrays((aj, bj)))
+  call()
   first = time.perf_counter() - t0
   runs = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(grid_lib.grid_arrays((aj, bj)))
+    call()
     runs.append(time.perf_counter() - t0)
   run = float(np.median(runs))
-  print(f"  {name}: grid compile+run {first:.1f} s, run {run:.2f} s; timing the naive loop...",
-        flush=True)
+  plan = grid_lib.grid_plan((aj, bj), max_memory=_max_memory())
+  print(f"  {name} [{method}, data={data}]: grid compile+run {first:.1f} s, run {run:.2f} s "
+        f"(tiles of {plan.tile} tasks, {plan.tiles} per layer)", flush=True)
   del aj, bj
   naive_total, naive_per, n_total, n_timed = time_naive(a, b, n_naive, seed)
-  flops = grid_flops(t, lm, d, r, 1.0 if data == "shared" else 0.0)
-  return {"scale": name, "shape": f"T={t} L={l} d={d} r={r} x{len(mods)} module(s)",
+  f = plan.flops
+  differenced = method == "difference" or (method == "auto" and data == "near")
+  flops = f["min"] + (f["difference"] if differenced else 0.0) + (
+      f["sines"] if data in ("near", "shared") else 0.0)
+  return {"scale": f"{name}/{method}", "shape": f"T={t} L={l} d={d} r={r} x{len(mods)} module(s)",
           "naive_s": naive_total, "naive_per_pair_s": naive_per, "naive_pairs": n_total,
           "naive_timed": n_timed, "compile_s": max(first - run, 0.0), "run_s": run,
           "speedup": naive_total / run, "gflop": flops / 1e9, "gflops": flops / run / 1e9}
+
+
+def print_plan(name):
+  t, l, d, r, mods = SCALES[name]
+  plan = plan_lib.plan_grid("lora", t, l * len(mods), d, d, r, devices=jax.device_count(),
+                            max_memory=_max_memory(), factors=("product",))
+  print(f"dry run, {name} ({'+'.join(mods)}): " + plan.describe())
+  # XLA's own accounting of the same program, compiled for the shapes only (nothing runs)
+  fn, _ = grid_lib._compiled(sharding.data_mesh(), "lora", grid_lib.METRICS, ("product",), None,
+                             None, plan.tile, t, l * len(mods), "auto")
+  shapes = ((jax.ShapeDtypeStruct((t, l * len(mods), r, d), jnp.float32),
+             jax.ShapeDtypeStruct((t, l * len(mods), d, r), jnp.float32),
+             jax.ShapeDtypeStruct((t, l * len(mods)), jnp.int32)),)
+  mem = fn.lower(*shapes).compile().memory_analysis()
+  print(f"  XLA memory analysis of that program: arguments {mem.argument_size_in_bytes / 2**30:.2f} "
+        f"GiB, temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB, outputs "
+        f"{mem.output_size_in_bytes / 2**30:.2f} GiB per device")
 
 
 def main(argv: List[str]):
@@ -140,13 +168,15 @@ def main(argv: List[str]):
   peak = matmul_rate()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; measured float32 matmul "
         f"rate (4096^3, HIGHEST): {peak / 1e9:.1f} GFLOP/s; data={FLAGS.data}")
-  rows = [run_scale(s, FLAGS.data, FLAGS.naive_pairs, FLAGS.repeats, FLAGS.seed)
-          for s in FLAGS.scales]
-  hdr = (f"{'scale':6} {'naive (s)':>11} {'per pair':>9} {'compile':>8} {'grid (s)':>9} "
+  for name in FLAGS.plan:
+    print_plan(name)
+  rows = [run_scale(s, FLAGS.data, m, FLAGS.naive_pairs, FLAGS.repeats, FLAGS.seed)
+          for s in FLAGS.scales for m in FLAGS.methods]
+  hdr = (f"{'scale':18} {'naive (s)':>11} {'per pair':>9} {'compile':>8} {'grid (s)':>9} "
          f"{'speedup':>8} {'GFLOP':>7} {'GFLOP/s':>8} {'% matmul':>8}")
   print(hdr)
   for x in rows:
-    print(f"{x['scale']:6} {x['naive_s']:11.1f} {x['naive_per_pair_s']:9.3f} "
+    print(f"{x['scale']:18} {x['naive_s']:11.1f} {x['naive_per_pair_s']:9.3f} "
           f"{x['compile_s']:8.1f} {x['run_s']:9.2f} {x['speedup']:7.0f}x {x['gflop']:7.1f} "
           f"{x['gflops']:8.1f} {100 * x['gflops'] * 1e9 / peak:7.0f}%")
   for x in rows:

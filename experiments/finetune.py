@@ -14,25 +14,37 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments import multihost
+from experiments import cli, multihost
 from tvgeo_jax import partition
 from tvgeo_jax.training import presets
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("task", None, "Task name (e.g. qnli, synth_sst2).")
+flags.DEFINE_string("task", None,
+                    "Task name (e.g. qnli, synth_sst2), or a comma-separated list: the tasks "
+                    "then train concurrently, in one compiled step vmapped over tasks.")
+flags.DEFINE_integer("max_concurrent", None,
+                     "With several --task: at most this many tasks per concurrent group (the "
+                     "rest queued); default all.")
 flags.DEFINE_enum("method", "lora", list(partition.METHODS), "Fine-tuning method.")
 flags.DEFINE_string("model", "roberta-base",
                     "Base model: hub id, local HF directory, or a built-in: 'tiny' (= "
                     "'embedded', the pretrained tiny base), 'tiny-random', 'tiny-bert-random'.")
 flags.DEFINE_enum("preset", None, list(presets.PRESETS),
                   "Hyper-parameter preset (default: tiny for the built-in models, else paper).")
-flags.DEFINE_string("out", None, "Run directory (default runs/<task>/<method>_<model>_s<seed>).")
-flags.DEFINE_bool("overwrite", False, "Redo a finished (or differently configured) run.")
+flags.DEFINE_string("out", None, "Run directory (default runs/<task>/<method>_<model>_s<seed>); "
+                    "with several tasks, the parent of one run directory per task, OUT/<task>.")
+flags.DEFINE_bool("overwrite", False,
+                  "Redo a finished (or differently configured) run. Only a run directory is "
+                  "replaced, and the old run is kept as OUT.previous until the new one has "
+                  "its first checkpoint.")
+flags.DEFINE_list("resume_with", None,
+                  "Resume an unfinished run with changed values, e.g. learning_rate=1e-4 "
+                  "after a non-finite loss (learning_rate, max_grad_norm, weight_decay, "
+                  "adam_eps, dtype); recorded in results.json.")
 flags.DEFINE_string("compilation_cache", "default",
                     "XLA compilation cache directory ('default': ~/.cache/tvgeo_jax/xla; "
                     "'' disables).")
@@ -59,6 +71,7 @@ flags.DEFINE_integer("bottleneck_reduction_factor", None, "hidden_size / bottlen
 flags.DEFINE_integer("max_seq_len", None, "Maximum tokens per example.")
 flags.DEFINE_float("data_scale", None, "Size multiplier of synthetic tasks.")
 flags.DEFINE_string("data_dir", None, "Local copy of a real task's data (instead of the hub).")
+flags.DEFINE_string("data_revision", None, "Hub dataset revision (branch, tag or commit).")
 flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch size.")
 flags.DEFINE_integer("checkpoint_every", None, "Save the latest state every N steps.")
 flags.DEFINE_integer("log_every", None, "Log the training loss every N steps.")
@@ -71,7 +84,7 @@ HP_FLAGS = ("seed", "learning_rate", "batch_size", "epochs", "patience", "weight
             "class_weights", "dtype", "dropout", "lora_rank", "lora_alpha", "lora_targets",
             "bottleneck_size", "bottleneck_reduction_factor", "max_seq_len", "data_scale",
             "data_dir", "eval_batch_size", "checkpoint_every", "log_every", "progress",
-            "stop_after_steps")
+            "stop_after_steps", "data_revision")
 
 
 def default_out(config) -> str:
@@ -91,43 +104,35 @@ def _summary(results: dict, out: str) -> str:
           f"({100 * p['trainable_share']:.3f}%); {results['wall_time_s']:.1f} s; {out}")
 
 
-def _quiet_orbax() -> None:
-  """Drop orbax's per-save INFO lines (dozens per checkpoint) unless --verbosity >= 1."""
-  import logging as std_logging
-
-  class _Filter(std_logging.Filter):
-    def filter(self, record):
-      return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-  if FLAGS.verbosity < 1:
-    logging.get_absl_handler().addFilter(_Filter())
-
-
 def main(argv):
-  _quiet_orbax()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.task:
     raise app.UsageError("--task is required (e.g. --task=synth_sst2 or --task=qnli).")
-  from tvgeo_jax.training import compile_cache, loop
+  from tvgeo_jax.training import compile_cache, config as config_lib, loop
+  resume_with = config_lib.parse_resume_with(FLAGS.resume_with)
   multihost.initialize_if_requested()
   cache = FLAGS.compilation_cache
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
   overrides = {name: FLAGS[name].value for name in HP_FLAGS}
-  try:
-    config = presets.resolve(FLAGS.task, FLAGS.method, FLAGS.model, FLAGS.preset, overrides)
-    out = FLAGS.out or default_out(config)
-    results = loop.finetune(config, out, overwrite=FLAGS.overwrite)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    logging.error("%s", e)
-    sys.exit(f"finetune: error: {e}")
-  except loop.StopRequested as e:
-    sys.exit(f"finetune: stopped: {e}")
-  except KeyboardInterrupt:
-    sys.exit("finetune: interrupted; rerun the same command to resume from the latest "
-             "checkpoint.")
-  print(_summary(results, os.path.abspath(out)))
+  tasks = [t.strip() for t in FLAGS.task.split(",") if t.strip()]
+  configs = [presets.resolve(t, FLAGS.method, FLAGS.model, FLAGS.preset, overrides)
+             for t in tasks]
+  if len(configs) == 1:
+    out = FLAGS.out or default_out(configs[0])
+    results = [loop.finetune(configs[0], out, overwrite=FLAGS.overwrite,
+                             resume_with=resume_with)]
+    outs = [out]
+  else:
+    if resume_with:
+      raise app.UsageError("--resume_with applies to one task; resume that task alone.")
+    from tvgeo_jax.training import group
+    outs = [os.path.join(FLAGS.out, c.task) if FLAGS.out else default_out(c) for c in configs]
+    results = group.finetune_many(configs, outs, max_concurrent=FLAGS.max_concurrent,
+                                  overwrite=FLAGS.overwrite)
+  for r, out in zip(results, outs):
+    print(_summary(r, os.path.abspath(out)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

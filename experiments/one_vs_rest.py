@@ -15,10 +15,10 @@ confusion_matrices.png to --out. Training flags are those of experiments.finetun
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
+from experiments import cli
 from experiments import finetune as ft  # the training flags (one home)
 
 FLAGS = flags.FLAGS
@@ -27,7 +27,6 @@ FLAGS.set_default("model", "tiny")
 
 
 def main(argv):
-  ft._quiet_orbax()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.task:
@@ -38,18 +37,13 @@ def main(argv):
   compile_cache.enable(compile_cache.default_directory() if cache == "default" else cache)
   overrides = {name: FLAGS[name].value for name in ft.HP_FLAGS}
   out = FLAGS.out or os.path.join("runs", FLAGS.task, "one_vs_rest")
-  try:
-    res = one_vs_rest.run_study(FLAGS.task, out, model=FLAGS.model, preset=FLAGS.preset,
-                                overrides=overrides, reference=FLAGS.reference,
-                                overwrite=FLAGS.overwrite)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    sys.exit(f"one_vs_rest: error: {e}")
-  except KeyboardInterrupt:
-    sys.exit("one_vs_rest: interrupted; rerun the same command to resume.")
+  res = one_vs_rest.run_study(FLAGS.task, out, model=FLAGS.model, preset=FLAGS.preset,
+                              overrides=overrides, reference=FLAGS.reference,
+                              overwrite=FLAGS.overwrite)
   with open(os.path.join(out, one_vs_rest.TABLE_MD)) as f:
     print(f.read())
   print(f"{res['task']} on {res['model']}: outputs in {os.path.abspath(out)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from experiments import cli
 
 from tvgeo_jax import embedded
 
@@ -49,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

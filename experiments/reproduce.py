@@ -17,9 +17,9 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments import multihost
+from experiments import cli, multihost
 from tvgeo_jax import reproduce
 
 FLAGS = flags.FLAGS
@@ -56,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

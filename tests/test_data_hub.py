@@ -164,7 +164,8 @@ class LocalCopyTest(absltest.TestCase):
       for split in ("train", "validation"):
         _write_parquet(f"{self.root}/other/{task}/{split}-00000-of-00001.parquet",
                        {"sentence1": ["a"] * 4, "sentence2": ["b"] * 4, "label": [0] * 4})
-    with self.assertRaisesRegex(data.DataNotFoundError, "Several folders"):
+    with self.assertRaisesRegex(data.DataNotFoundError,
+                                r"holds no 'rte/' folder.*its folders: \['mrpc', 'wnli'\]"):
       data.load_task_data("rte", data_dir=os.path.join(self.root, "other"))
     with self.assertRaisesRegex(ValueError, "real tasks only"):
       data.load_task_data("synth_rte", data_dir=self.root)

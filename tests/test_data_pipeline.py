@@ -67,7 +67,8 @@ class TokenizerTest(absltest.TestCase):
     self.assertEqual(first["model"]["merges"], saved["model"]["merges"])
 
   def test_bad_name(self):
-    with self.assertRaisesRegex(ValueError, "does not exist"):
+    # Issue 17: a missing model directory is named as such (it said "Tokenizer path").
+    with self.assertRaisesRegex(FileNotFoundError, "No such model directory: '/no/such/dir'"):
       data.load_tokenizer("/no/such/dir")
 
 

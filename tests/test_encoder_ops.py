@@ -170,6 +170,22 @@ class DropoutTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "Dropout rate"):
       self._apply(1.0, jnp.ones((2, 2)))
 
+  @parameterized.parameters(((4, 16, 8), (1,), (4, 9, 8)),
+                            ((3, 2, 12, 12), (2, 3), (3, 2, 7, 10)))
+  def test_position_masks_do_not_depend_on_padding(self, shape, axes, shorter):
+    # A concurrent group pads its members' batches to a common length; a token's
+    # dropout word must be the one the unpadded batch draws.
+    key = jax.random.key(7)
+    long = np.asarray(encoder.position_stable_bits(key, shape, axes))
+    short = np.asarray(encoder.position_stable_bits(key, shorter, axes))
+    np.testing.assert_array_equal(long[tuple(slice(0, n) for n in shorter)], short)
+    self.assertFalse(np.array_equal(long, np.asarray(
+        encoder.position_stable_bits(jax.random.key(8), shape, axes))))
+    # Uniform 16-bit words: the mean is 32767.5 within 5 standard errors.
+    big = np.asarray(encoder.position_stable_bits(key, (64, 128, 32), (1,)), np.float64)
+    self.assertLess(abs(big.mean() - 32767.5), 5 * 65536 / np.sqrt(12 * big.size))
+    self.assertGreater(len(np.unique(big)), 60000)
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,18 +62,67 @@ class FinetuneCliTest(absltest.TestCase):
 
   def test_bad_input_fails_fast_with_the_valid_values(self):
     out = os.path.join(tempfile.mkdtemp(), "run")
-    cases = [
-        (["--task=no_such_task", "--method=lora"], "Unknown task 'no_such_task'"),
-        (["--task=synth_sst2", "--method=ia3"], "full|lora|bottleneck"),
-        (["--task=synth_sst2", "--method=lora", "--lora_rank=0"], "lora_rank must be > 0"),
+    cases = [  # (flags, message, exit code: 2 for usage errors, 1 for bad values)
+        (["--task=no_such_task", "--method=lora"], "Unknown task 'no_such_task'", 1),
+        (["--task=synth_sst2", "--method=ia3"], "full|lora|bottleneck", 2),
+        (["--task=synth_sst2", "--method=lora", "--lora_rank=0"], "lora_rank must be > 0", 1),
         (["--task=synth_sst2", "--method=full", "--learning_rate=-1"],
-         "learning_rate must be > 0"),
+         "learning_rate must be > 0", 1),
+        (["--method=lora"], "--task is required", 2),
     ]
-    for args, message in cases:
+    for args, message, code in cases:
       proc = finetune(*args, "--model=tiny-random", f"--out={out}", timeout=120)
-      self.assertNotEqual(proc.returncode, 0, args)
+      self.assertEqual(proc.returncode, code, (args, proc.stderr[-2000:]))
       self.assertIn(message, proc.stderr, args)
+      self.assertIn("finetune: error: ", proc.stderr, args)
+      self.assertNotIn("Traceback", proc.stderr, args)
       self.assertFalse(os.path.exists(out), args)  # nothing written
+
+
+class CliErrorsTest(absltest.TestCase):
+  """Issue 17: expected errors are one line with exit 1, Ctrl-C exits 130, --overwrite
+  never deletes a directory that is not a run."""
+
+  def test_overwrite_of_a_directory_with_user_files_deletes_nothing(self):
+    d = tempfile.mkdtemp()
+    with open(os.path.join(d, "notes.txt"), "w") as f:
+      f.write("x")
+    for task, message in (("synth_sst3", "Unknown task"), ("synth_sst2", "--overwrite refused")):
+      proc = finetune(f"--task={task}", "--method=lora", "--model=tiny-random", f"--out={d}",
+                      "--overwrite", timeout=120)
+      self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+      self.assertIn(message, proc.stderr)
+      self.assertNotIn("Traceback", proc.stderr)
+      self.assertEqual(os.listdir(d), ["notes.txt"])
+
+  def test_analysis_errors_are_one_line(self):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "experiments.grid_distances",
+                           f"--runs={tempfile.mkdtemp()}/nothing_*"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+    self.assertRegex(proc.stderr.strip().splitlines()[-1],
+                     r"^grid_distances: error: --runs: nothing matches")
+    self.assertNotIn("Traceback", proc.stderr)
+
+  def test_ctrl_c_exits_130_and_the_run_resumes(self):
+    out = os.path.join(tempfile.mkdtemp(), "run")
+    cmd, env = finetune_command("--task=synth_sst2", "--method=full", "--model=tiny-random",
+                                f"--out={out}", "--epochs=200", "--data_scale=0.25",
+                                "--max_seq_len=16", "--checkpoint_every=5")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+      for line in proc.stderr:  # the first epoch ends: training is under way
+        if "epoch 1: validation loss" in line:
+          break
+      proc.send_signal(signal.SIGINT)
+      rest = proc.stderr.read()
+      self.assertEqual(proc.wait(timeout=60), 130, rest[-2000:])
+    finally:
+      proc.kill()
+    self.assertIn("finetune: interrupted; rerun the same command to resume", rest)
+    self.assertNotIn("Traceback", rest)
+    self.assertFalse(os.path.exists(os.path.join(out, "run.lock")))
 
 
 if __name__ == "__main__":

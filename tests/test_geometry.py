@@ -204,9 +204,9 @@ class GridTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.a, cls.b = _lora_stack(np.random.default_rng(8))
-    # small chunks and Gram blocks exercise the chunked / blocked code paths
+    # 2 x 2 tiles exercise the tiled code path (3 blocks of tasks, the last overlapping)
     cls.res = geo.distance_grid((cls.a, cls.b), module="query", factors=("product", "a", "b"),
-                                pair_chunk=3, gram_block=2)
+                                tile=2)
 
   def test_grid_equals_reference_loop_over_pairs(self):
     t, l = self.a.shape[:2]
@@ -278,9 +278,10 @@ class GridTest(absltest.TestCase):
 
   def test_precision_independence(self):
     small = (self.a[:3, :1], self.b[:3, :1])
-    jaxpr = jax.make_jaxpr(lambda a, b: grid_lib._grid_core(
-        (a, b), kind="lora", metrics=geo.METRICS, factors=geo.FACTORS, rtol=None, top_k=None,
-        pair_chunk=2, gram_block=2))(*small)
+    mesh_fn, _ = grid_lib._compiled(jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)),
+                                    "lora", geo.METRICS, geo.FACTORS, None, None, 2, 3, 1,
+                                    "difference")
+    jaxpr = jax.make_jaxpr(mesh_fn)((*small, jnp.full((3, 1), 3, jnp.int32)))
     dots = []
 
     def walk(jx):
@@ -297,10 +298,10 @@ class GridTest(absltest.TestCase):
     self.assertNotEmpty(dots)
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     self.assertTrue(all(p == highest for p in dots), f"dots without HIGHEST: {dots}")
-    base = geo.grid_arrays(small, factors=geo.FACTORS, pair_chunk=2, gram_block=2)
+    base = geo.grid_arrays(small, factors=geo.FACTORS, tile=2)
     for prec in ("bfloat16", "tensorfloat32"):
       with jax.default_matmul_precision(prec):
-        other = geo.grid_arrays(small, factors=geo.FACTORS, pair_chunk=2, gram_block=2)
+        other = geo.grid_arrays(small, factors=geo.FACTORS, tile=2)
       for key in base:
         np.testing.assert_allclose(np.asarray(other[key]), np.asarray(base[key]), atol=1e-6,
                                    err_msg=key)

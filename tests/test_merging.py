@@ -1,6 +1,5 @@
 """Merges as pytree arithmetic: hand-computed trees, numpy references, peft parity."""
 import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -14,6 +13,8 @@ from peft.utils import merge_utils
 
 from tvgeo_jax import lora, merging, peft_io, trees
 from tvgeo_jax.models import Encoder, make_apply, save_pretrained, tiny_config
+
+import peft_fixtures
 
 F = np.float32
 
@@ -406,20 +407,6 @@ class SignConflictTest(parameterized.TestCase):
       merging.sign_conflict_share(taus[:1])
 
 
-def _plain_adapter(directory):
-  """A peft adapter without task type or modules_to_save (LoRA factors only), so two
-  of them can be combined by add_weighted_adapter; the head stays the base model's."""
-  from safetensors.numpy import load_file, save_file
-  cfg_path = os.path.join(directory, peft_io.CONFIG_FILE)
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  cfg.update(task_type=None, modules_to_save=None)
-  with open(cfg_path, "w") as f:
-    json.dump(cfg, f)
-  w_path = os.path.join(directory, peft_io.WEIGHTS_FILE)
-  save_file({k: v for k, v in load_file(w_path).items() if ".lora_" in k}, w_path)
-
-
 class PeftInteropTest(absltest.TestCase):
   """Paper A's factor average equals peft's linear add_weighted_adapter at w = 0.25."""
 
@@ -455,10 +442,10 @@ class PeftInteropTest(absltest.TestCase):
     for i, m in enumerate(models):
       peft_io.save_peft(os.path.join(tmp, f"a{i}"), m, config,
                         base_model_name_or_path=os.path.join(tmp, "base1"))
-      _plain_adapter(os.path.join(tmp, f"a{i}"))
+      peft_fixtures.plain_adapter(os.path.join(tmp, f"a{i}"))
     peft_io.save_peft(os.path.join(tmp, "ours"), ours, config,
                       base_model_name_or_path=os.path.join(tmp, "base1"))
-    _plain_adapter(os.path.join(tmp, "ours"))
+    peft_fixtures.plain_adapter(os.path.join(tmp, "ours"))
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(
         os.path.join(tmp, "base1")).eval()
     model = peft.PeftModel.from_pretrained(hf, os.path.join(tmp, "a0"), adapter_name="a0")

@@ -71,6 +71,21 @@ def topic_task(n_train: int = 256, n_eval: int = 64, num_labels: int = 2, batch_
                   train_labels=splits["train"]["labels"])
 
 
+def small_run_config(task="topic", method="full", **overrides):
+  """A tiny-random run over ``small_topic_task``: 4 steps per epoch, 2 epochs,
+  checkpoints every 2 steps, a loss record every step, dropout off."""
+  from tvgeo_jax.training import presets
+  base = dict(epochs=2, batch_size=16, checkpoint_every=2, log_every=1, progress=False,
+              learning_rate=1e-3, max_seq_len=16, dropout=0.0)
+  base.update(overrides)
+  return presets.resolve(task, method, "tiny-random", overrides=base)
+
+
+def small_topic_task() -> TrainingData:
+  """64 training examples (4 batches of 16), 32 per evaluation split."""
+  return topic_task(n_train=64, n_eval=32, batch_size=16, seq_len=16)
+
+
 class FixtureTest(absltest.TestCase):
 
   def test_batches_cover_every_example_once(self):

@@ -54,12 +54,6 @@ def set_task_data(train_config, data: loop.TrainingData) -> None:
   _DATA_CACHE[data_key(train_config)] = data
 
 
-def clear_cache() -> None:
-  """Forget cached data and compiled steps (e.g. between unrelated studies)."""
-  _DATA_CACHE.clear()
-  _STEP_CACHE.clear()
-
-
 def _mesh():
   if not _MESH:
     _MESH.append(sharding.data_mesh())

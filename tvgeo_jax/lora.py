@@ -58,13 +58,18 @@ def lora_paths(params: Mapping) -> List[Path]:
   return sorted(p[:-1] for p in trees.flatten(params) if p[-1] == "lora_a")
 
 
+def _target_names(targets: Targets) -> Tuple[str, ...]:
+  """The module names of a name-based ``targets`` (none for a predicate)."""
+  if callable(targets):
+    return ()
+  return (targets,) if isinstance(targets, str) else tuple(targets)
+
+
 def _target_predicate(targets: Targets) -> Callable[[Path], bool]:
   """Module names (``"query"``, or a path suffix ``"layer_3/query"``) or a predicate."""
   if callable(targets):
     return targets
-  if isinstance(targets, str):
-    targets = (targets,)
-  names = tuple(targets)
+  names = _target_names(targets)
   if not names or not all(isinstance(n, str) and n for n in names):
     raise ValueError(f"targets must be module names or a predicate on paths, got {targets!r}.")
 
@@ -137,12 +142,20 @@ def inject_lora(params: Mapping, *, targets: Targets = ("query", "value"), rank:
   if init not in INITS:
     raise ValueError(f"Unknown LoRA init {init!r}; choose one of {INITS}.")
   match = _target_predicate(targets)
-  modules = [p for p in _dense_modules(params) if match(p)]
+  dense = _dense_modules(params)
+  modules = [p for p in dense if match(p)]
+  names = sorted({p[-1] for p in dense})
   if not modules:
-    names = sorted({p[-1] for p in _dense_modules(params)})
     raise ValueError(
         f"LoRA targets {targets!r} matched no dense module. Module names in this tree: "
         f"{names} (e.g. targets=('query', 'value')).")
+  # A misspelt name beside a valid one would otherwise be dropped without a word.
+  unmatched = [n for n in _target_names(targets)
+               if not any(_target_predicate((n,))(p) for p in dense)]
+  if unmatched:
+    raise ValueError(
+        f"LoRA target(s) {unmatched} match no dense module (module names in this tree: "
+        f"{names}); fix the spelling in --lora_targets.")
   base_key = jax.random.PRNGKey(seed)
   out = _copy_dicts(params)
   for k, path in enumerate(modules):

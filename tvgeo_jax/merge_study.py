@@ -21,7 +21,13 @@ Paper C analyses:
   * ``multitask``: merges of n = 2..T tasks with each method; the subsets are the
     prefixes of one seeded permutation of the tasks (n = T: all tasks). Reported:
     the mean over the merged tasks of the score, and of the normalised score
-    ``score_i(merge) / score_i(model_i)`` (NaN where the single score is 0).
+    ``score_i(merge) / score_i(model_i)`` (NaN where the single score is 0);
+    ``multitask_methods=["all"]`` compares every method of ``REGISTRY`` that applies
+    (``multitask.md``), each with its study defaults (the pair method with its options).
+
+Methods: ``REGISTRY`` names each merge's function in ``tvgeo_jax.merging``, its
+options and study defaults (``dare``/``dare_ties``: ``drop_rate=0.5``); ``lora_svd`` is
+peft's ``svd`` (``lora_product_average`` re-factorised to the adapters' rank).
 
 Score: ``score="main"`` (the task's main metric, default), any scalar metric name
 (``"accuracy"``, ``"loss"``...) or ``"neg_loss"`` (−loss, higher is better). Every
@@ -30,6 +36,7 @@ without re-evaluating, and a rerun (after a crash) skips everything already scor
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,13 +44,55 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tvgeo_jax import evaluation, interference, io_utils, lora, merging, runs, sources
+from tvgeo_jax import evaluation, interference, io_utils, lora, merging, runs, sources, trees
 
-METHODS = ("lora_factor_average", "lora_product_average", "weight_average",
-           "task_arithmetic", "ties", "dare")
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+  """A merge of the study: its function in ``tvgeo_jax.merging``, the options it takes
+  (``merge(**kw)``), the defaults the study uses, and whether it needs θ0 / LoRA."""
+  function: str
+  options: Tuple[str, ...]
+  needs_base: bool = True
+  lora_only: bool = False
+  defaults: Tuple[Tuple[str, Any], ...] = ()
+  reference: str = ""
+
+
+_TIES_OPTS = ("k", "granularity", "sign_rule", "zero_sign")
+_DROP_OPTS = ("drop_rate", "merge_seed", "sign_rule", "zero_sign", "space")
+REGISTRY: Dict[str, MergeMethod] = {
+    "lora_factor_average": MergeMethod("lora_factor_average", ("modules",), False, True,
+                                       reference="paper A; peft linear at w/4"),
+    "lora_product_average": MergeMethod("lora_product_average", ("modules", "refactor_rank"),
+                                        False, True, reference="exact ΔW average"),
+    "lora_svd": MergeMethod("lora_product_average", ("modules", "refactor_rank"), False, True,
+                            reference="peft svd (ΔW sum, truncated SVD to the rank)"),
+    "weight_average": MergeMethod("weight_average", ("modules",), False),
+    "task_arithmetic": MergeMethod("task_arithmetic", ("modules", "lam"),
+                                   reference="Ilharco et al. 2023"),
+    "ties": MergeMethod("ties", ("modules", "lam") + _TIES_OPTS, reference="paper C"),
+    "dare": MergeMethod("dare", ("modules", "lam", "drop_rate", "merge_seed", "space"),
+                        defaults=(("drop_rate", 0.5),),
+                        reference="Yu et al. 2024; peft dare_linear"),
+    "dare_ties": MergeMethod("dare_ties", ("modules", "lam") + _DROP_OPTS,
+                             defaults=(("drop_rate", 0.5),), reference="peft dare_ties"),
+    "magnitude_prune": MergeMethod("magnitude_prune", ("modules", "lam", "k", "granularity",
+                                                       "space"), reference="peft magnitude_prune"),
+    "breadcrumbs": MergeMethod("breadcrumbs", ("modules", "lam", "k", "gamma", "space"),
+                               reference="Davari & Belilovsky 2023"),
+    "della": MergeMethod("della", ("modules", "lam", "k", "epsilon", "merge_seed", "sign_rule",
+                                   "zero_sign", "space"), reference="Deep et al. 2024"),
+    "tsv_merge": MergeMethod("tsv_merge", ("modules", "lam"), reference="Gargiulo et al. 2025"),
+    "iso_c": MergeMethod("iso_c", ("modules", "lam"), reference="Marczak et al. 2025"),
+    "knots": MergeMethod("knots", ("modules", "lam", "inner") + _TIES_OPTS
+                         + ("drop_rate", "merge_seed"), reference="Stoica et al. 2025"),
+}
+METHODS = tuple(REGISTRY)
 ALIASES = {"lora_avg": "lora_factor_average", "lora_product": "lora_product_average",
-           "weight_avg": "weight_average", "ta": "task_arithmetic"}
-LORA_ONLY = ("lora_factor_average", "lora_product_average")
+           "weight_avg": "weight_average", "ta": "task_arithmetic", "svd": "lora_svd",
+           "dare_linear": "dare", "tsv": "tsv_merge", "tsv_m": "tsv_merge", "iso": "iso_c"}
+LORA_ONLY = tuple(m for m, spec in REGISTRY.items() if spec.lora_only)
+NEEDS_BASE = tuple(m for m, spec in REGISTRY.items() if spec.needs_base)
 METRIC_LABELS = {"l2": "l2", "cosine": "cos", "grassmann": "d_G"}
 DEFAULT_MODULES = ("query", "value")
 DEFAULT_TOPK = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -55,6 +104,17 @@ def resolve_method(method: str) -> str:
     raise ValueError(f"Unknown merge method {method!r}; valid: {', '.join(METHODS)} "
                      f"(aliases {', '.join(ALIASES)}).")
   return name
+
+
+def method_options(method: str, kw: Mapping[str, Any]) -> Dict[str, Any]:
+  """``kw`` without ``None`` values, over the study's defaults for ``method``; checked."""
+  method = resolve_method(method)
+  spec = REGISTRY[method]
+  kw = {k: v for k, v in kw.items() if v is not None}
+  bad = sorted(set(kw) - set(spec.options))
+  if bad:
+    raise ValueError(f"{method} takes no option(s) {bad}; it takes {list(spec.options)}.")
+  return {**dict(spec.defaults), **kw}
 
 
 # --- inputs ------------------------------------------------------------------------
@@ -96,27 +156,24 @@ def merge(method: str, models: Sequence[Mapping], base: Optional[Mapping] = None
           **kw) -> dict:
   """``method`` applied to ``models``; the result carries ``models[0]``'s head.
 
-  ``kw``: ``modules``; ``lam`` (task_arithmetic, ties, dare); ``k``, ``granularity``,
-  ``sign_rule`` (ties); ``drop_rate``, ``seed`` (dare); ``refactor_rank``
-  (lora_product_average).
+  ``kw``: the method's options (``REGISTRY[method].options``: ``modules``, ``lam``,
+  ``k``, ``drop_rate``, ``merge_seed`` (the functions' ``seed`` of random drops, named
+  apart from the study's subset seed)...), over its study defaults. ``lora_svd``
+  re-factorises to the adapters' largest rank unless ``refactor_rank`` is given (peft's
+  ``svd``).
   """
   method = resolve_method(method)
-  allowed = {"lora_factor_average": ("modules",),
-             "lora_product_average": ("modules", "refactor_rank"),
-             "weight_average": ("modules",),
-             "task_arithmetic": ("modules", "lam"),
-             "ties": ("modules", "lam", "k", "granularity", "sign_rule", "zero_sign"),
-             "dare": ("modules", "lam", "drop_rate", "seed")}[method]
-  kw = {k: v for k, v in kw.items() if v is not None}
-  bad = sorted(set(kw) - set(allowed))
-  if bad:
-    raise ValueError(f"{method} takes no option(s) {bad}; it takes {list(allowed)}.")
-  fn = getattr(merging, method)
-  if method in ("task_arithmetic", "ties", "dare"):
+  spec = REGISTRY[method]
+  kw = method_options(method, kw)
+  fn = getattr(merging, spec.function)
+  if "merge_seed" in kw:
+    kw["seed"] = kw.pop("merge_seed")
+  if method == "lora_svd" and "refactor_rank" not in kw:
+    kw["refactor_rank"] = max(int(np.shape(mod["lora_a"])[1]) for m in models
+                              for mod in (trees.get_path(m, p) for p in lora.lora_paths(m)))
+  if spec.needs_base:
     if base is None:
       raise ValueError(f"{method} needs the base tree θ0.")
-    if method == "dare" and "drop_rate" not in kw:
-      raise ValueError("dare needs drop_rate=...")
     return fn(base, list(models), head_from=0, **kw)
   return fn(list(models), head_from=0, **kw)
 
@@ -211,6 +268,7 @@ def merge_grid(srcs: Sequence[sources.Source], method: str = "lora_factor_averag
   _check_sources(srcs, method)
   configs = list(configs) if configs is not None else train_configs(srcs)
   cache = cache if cache is not None else open_cache(None, srcs)
+  kw = method_options(method, kw)
   tag = study_tag(method, kw)
   t = len(srcs)
   singles = single_scores(srcs, configs, cache)
@@ -219,7 +277,7 @@ def merge_grid(srcs: Sequence[sources.Source], method: str = "lora_factor_averag
     todo = [j for j, k in keys.items() if k not in cache]
     if not todo:
       continue
-    base = base_tree(si) if method in ("task_arithmetic", "ties", "dare") else None
+    base = base_tree(si) if method in NEEDS_BASE else None
     merged = [merge(method, [si.params, srcs[j].params], base, **kw) for j in todo]
     res = evaluation.evaluate_stacked(merged, si.config, ci, "test", chunk_size=chunk_size)
     cache.put({keys[j]: r for j, r in zip(todo, res)})
@@ -376,7 +434,7 @@ def multitask(srcs, configs, cache: EvalCache, methods: Sequence[str], *, score:
     method = resolve_method(method)
     if method in LORA_ONLY and not all(lora.has_lora(s.params) for s in srcs):
       continue
-    kw = dict(options.get(method, {}))
+    kw = method_options(method, options.get(method, {}))
     tag = study_tag(method, kw)
     rows = []
     for n in range(2, len(srcs) + 1):
@@ -385,7 +443,7 @@ def multitask(srcs, configs, cache: EvalCache, methods: Sequence[str], *, score:
       names = ",".join(s.name for s in subset)
       keys = {s.name: f"multi|{tag}|{names}|{s.name}" for s in subset}
       if any(k not in cache for k in keys.values()):
-        base = base_tree(subset[0]) if method in ("task_arithmetic", "ties", "dare") else None
+        base = base_tree(subset[0]) if method in NEEDS_BASE else None
         body = merge(method, [s.params for s in subset], base, **kw)
         for i, s in zip(idx, subset):
           c = configs[i]
@@ -403,6 +461,31 @@ def multitask(srcs, configs, cache: EvalCache, methods: Sequence[str], *, score:
                    "num_unnormalisable": int((~finite).sum())})
     out["methods"][method] = {"options": kw, "rows": rows}
   return out
+
+
+def multitask_markdown(multi: Mapping[str, Any]) -> str:
+  """Markdown: per method, the mean normalised score (and mean score) for n merged tasks."""
+  methods = multi["methods"]
+  ns = sorted({r["n"] for res in methods.values() for r in res["rows"]})
+  lines = [f"Multi-task merges: mean over the merged tasks of score_i(merge) / score_i(model_i) "
+           f"(mean {multi['score']} in brackets); tasks added in the order "
+           f"{', '.join(multi['order'])}.", "",
+           "| method | options | " + " | ".join(f"n={n}" for n in ns) + " |",
+           "|---|---|" + "---|" * len(ns)]
+  for method, res in methods.items():
+    by_n = {r["n"]: r for r in res["rows"]}
+    cells = [f"{by_n[n]['mean_normalised']:.3f} ({by_n[n]['mean_score']:.3f})" if n in by_n
+             else "" for n in ns]
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(res["options"].items())) or "defaults"
+    lines.append(f"| {method} | {opts} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plt_colors(n: int) -> List[Any]:
+  """``n`` distinguishable colours (tab10, then tab20 beyond ten lines)."""
+  import matplotlib
+  cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+  return [cmap(i % cmap.N) for i in range(n)]
 
 
 def _plot_paper_c(out_dir: str, conflicts, topk, multi) -> List[str]:
@@ -430,13 +513,16 @@ def _plot_paper_c(out_dir: str, conflicts, topk, multi) -> List[str]:
     paths.append(os.path.join(out_dir, "topk.png"))
     figures.save_figure(fig, paths[-1])
   if multi is not None and multi["methods"]:
-    fig, (ax,) = figures.panels(1, "Multi-task merges")
-    for method, res in multi["methods"].items():
+    fig, (ax,) = figures.panels(1, "Multi-task merges", size=4.5 if len(multi["methods"]) > 6
+                                else 4.0)
+    colors = plt_colors(len(multi["methods"]))
+    for i, (method, res) in enumerate(multi["methods"].items()):
       ax.plot([r["n"] for r in res["rows"]], [r["mean_score"] for r in res["rows"]],
-              marker="o", label=method)
+              marker="os^vDP*X"[i % 8], color=colors[i], label=method)
+    ax.set_xticks(sorted({r["n"] for res in multi["methods"].values() for r in res["rows"]}))
     ax.set_xlabel("merged tasks")
     ax.set_ylabel(f"mean {multi['score']} over merged tasks")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     paths.append(os.path.join(out_dir, "multitask.png"))
     figures.save_figure(fig, paths[-1])
   return paths
@@ -478,7 +564,8 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
   if "pairs" in analyses:
     columns = distance_columns(srcs, modules, top_k=top_k)
     pair_methods = [method]
-    if method in LORA_ONLY and all_lora:   # both LoRA averagings, side by side
+    if method in ("lora_factor_average", "lora_product_average") and all_lora:
+      # both LoRA averagings, side by side
       pair_methods = ["lora_factor_average", "lora_product_average"]
       pair_methods.sort(key=lambda m: m != method)
     result["pairs"] = {}
@@ -512,12 +599,18 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
     result["topk"] = topk
   if "multitask" in analyses:
     if multitask_methods is None:
-      multitask_methods = ([*LORA_ONLY] if all_lora else []) + [
+      multitask_methods = (["lora_factor_average", "lora_product_average"] if all_lora
+                           else []) + [
           "weight_average", "task_arithmetic", "ties"]
+    elif "all" in multitask_methods:
+      multitask_methods = [m for m in METHODS if all_lora or m not in LORA_ONLY]
+    if method not in [resolve_method(m) for m in multitask_methods]:
+      multitask_methods = list(multitask_methods) + [method]   # the pair method, compared too
     opts = {method: kw} if kw else {}
     multi = multitask(srcs, configs, cache, multitask_methods, score=score, seed=seed,
                       options=opts)
     io_utils.atomic_write_json(os.path.join(out_dir, "multitask.json"), multi)
+    io_utils.atomic_write_text(os.path.join(out_dir, "multitask.md"), multitask_markdown(multi))
     result["multitask"] = multi
   if figures:
     _plot_paper_c(os.path.join(out_dir, "figures"), conflicts, topk, multi)

@@ -24,7 +24,7 @@ import collections
 import logging
 import os
 import re
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,6 +36,10 @@ Path = Tuple[str, ...]
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
+
+
+class BaseMismatchError(ValueError):
+  """An adapter's weights do not fit the base model it is loaded onto (keys or shapes)."""
 KEY_PREFIX = "base_model.model."
 _TASK_TYPES = {"classification": "SEQ_CLS", "mlm": None, "none": "FEATURE_EXTRACTION"}
 # init_lora_weights values whose adapters only make sense on rewritten base weights.
@@ -173,18 +177,94 @@ def read_adapter_config(directory: str) -> dict:
   return io_utils.read_json(path)
 
 
-def _read_weights(directory: str) -> Dict[str, np.ndarray]:
-  st = os.path.join(directory, WEIGHTS_FILE)
-  legacy = os.path.join(directory, LEGACY_WEIGHTS_FILE)
-  if os.path.exists(st):
-    from safetensors.numpy import load_file
-    return load_file(st)
-  if os.path.exists(legacy):
-    import torch
-    sd = torch.load(legacy, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in sd.items()}
+def _weights_file(directory: str) -> str:
+  for name in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
+    if os.path.exists(os.path.join(directory, name)):
+      return os.path.join(directory, name)
   raise FileNotFoundError(f"{directory!r} has no adapter weights: expected {WEIGHTS_FILE} "
-                          f"(or the older {LEGACY_WEIGHTS_FILE}).")
+                          f"(or the older {LEGACY_WEIGHTS_FILE}) beside {CONFIG_FILE}.")
+
+
+def _unreadable(path: str, e: Exception) -> ValueError:
+  return ValueError(f"Cannot read adapter weights {path!r} ({type(e).__name__}: "
+                    f"{str(e)[:120]}); the file is truncated or corrupt: download or save it "
+                    "again.")
+
+
+def _read_weights(directory: str) -> Dict[str, np.ndarray]:
+  path = _weights_file(directory)
+  try:
+    if path.endswith(".safetensors"):
+      from safetensors.numpy import load_file
+      return load_file(path)
+    import torch
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in sd.items()}
+  except Exception as e:  # safetensors / pickle raise their own types for bad files
+    raise _unreadable(path, e) from e
+
+
+def adapter_num_labels(directory: str) -> Optional[int]:
+  """Rows of the adapter's saved classifier output layer; None if it saved no head."""
+  path = _weights_file(directory)
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open
+    try:
+      with safe_open(path, "numpy") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:
+      raise _unreadable(path, e) from e
+  else:
+    shapes = {k: v.shape for k, v in _read_weights(directory).items()}
+  for k, shape in shapes.items():
+    if k.endswith("out_proj.weight") or k.endswith("classifier.weight"):
+      return int(shape[0])
+  return None
+
+
+# peft's default targets for the model types we implement (its LoRA target mapping).
+_DEFAULT_TARGETS = ("query", "value")
+
+
+def _is_targeted(cfg: Mapping, name: str) -> bool:
+  """Whether peft would put LoRA on module ``name`` (peft's check_target_module_exists)."""
+  def listed(keys) -> bool:
+    if isinstance(keys, str):
+      return re.fullmatch(keys, name) is not None
+    return name in keys or any(name.endswith(f".{k}") for k in keys)
+
+  if cfg.get("exclude_modules") and listed(cfg["exclude_modules"]):
+    return False
+  targets = cfg.get("target_modules") or list(_DEFAULT_TARGETS)
+  if targets == "all-linear":
+    return True
+  if not listed(targets):
+    return False
+  layers = cfg.get("layers_to_transform")
+  if isinstance(targets, str) or layers is None or layers == []:
+    return True
+  m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+  if m is None:
+    return False
+  return int(m["idx"]) in ([layers] if isinstance(layers, int) else layers)
+
+
+def _check_targets(cfg: Mapping, directory: str, loaded: Mapping[Path, str],
+                   candidates: Sequence[str]) -> None:
+  """Weights outside target_modules are refused (peft would drop them); targets without
+  weights are warned about (peft leaves them at init, lora_B = 0: no change)."""
+  stray = sorted(n for n in loaded.values() if not _is_targeted(cfg, n))
+  if stray:
+    raise ValueError(
+        f"{directory!r}: {CONFIG_FILE} has target_modules={cfg.get('target_modules')!r} but "
+        f"the weights hold LoRA factors for {len(stray)} other module(s) (e.g. {stray[0]}); "
+        f"peft would not load those: fix target_modules in {CONFIG_FILE}.")
+  have = set(loaded.values())
+  empty = sorted(n for n in candidates if _is_targeted(cfg, n) and n not in have)
+  if empty:
+    logging.warning("%s: target_modules=%r match %d module(s) with no LoRA weights (e.g. %s); "
+                    "they are loaded without LoRA (peft would leave them at lora_B = 0).",
+                    directory, cfg.get("target_modules"), len(empty), empty[0])
 
 
 def _check_supported(cfg: Mapping, directory: str) -> None:
@@ -238,7 +318,9 @@ def load_peft(directory: str, base_params: Mapping, config: EncoderConfig,
 
   Raises:
     FileNotFoundError: missing directory, config or weights.
-    ValueError: not a LoRA adapter, unsupported peft features, LoRA already in
+    ValueError: unreadable weights, LoRA weights on modules ``target_modules`` does not
+      name (a warning for targets without weights), not a LoRA adapter, unsupported
+      peft features, LoRA already in
       ``base_params``, keys our model does not have, or shapes that do not fit
       this base (the key and both shapes are named).
   """
@@ -290,13 +372,16 @@ def load_peft(directory: str, base_params: Mapping, config: EncoderConfig,
     raise ValueError(f"{directory!r} holds weights of unsupported LoRA variants "
                      f"(DoRA magnitudes, embedding LoRA or LoRA biases): {unsupported[:8]}.")
   if unknown:
-    raise ValueError(
+    raise BaseMismatchError(
         f"{directory!r} has weights a {config.model_type} model with head {head!r} does not "
         f"have: {sorted(unknown)[:8]}. The adapter was made for another architecture "
         f"(base_model_name_or_path={base_name!r}).")
   if not factors:
     raise ValueError(f"{directory!r} holds no lora_A/lora_B weights.")
 
+  bare = not any(n.startswith(prefix) for n in peft_name.values())
+  _check_targets(cfg, directory, peft_name,
+                 [n[len(prefix):] if bare else n for n in lora_names])
   use_rslora = bool(cfg.get("use_rslora", False))
   params = lora._copy_dicts(base_params)
   bad = []
@@ -334,7 +419,7 @@ def load_peft(directory: str, base_params: Mapping, config: EncoderConfig,
       continue
     trees.set_path(params, ours, np.ascontiguousarray(value.T) if transpose else value)
   if bad:
-    raise ValueError(
+    raise BaseMismatchError(
         f"Adapter {directory!r} does not fit this base model (it was saved for "
         f"{base_name!r}): " + "; ".join(bad[:12]) +
         ". Load the base it was trained on (for the classifier: the right num_labels).")

@@ -126,7 +126,7 @@ def scores_section(pipe) -> List[Block]:
         row.append("–")
         continue
       res = io_utils.read_json(os.path.join(d, runs.RESULTS))
-      test = res["metrics"]["test"] if "metrics" in res else res["test"]
+      test = res["metrics"]["test"]
       main = test.get("main")
       row.append(f"{100 * main:.2f}" if main is not None else "–")
     rows.append(row)
@@ -250,7 +250,8 @@ def build(pipe) -> List[Block]:
   blocks += distances_section(pipe)
   blocks += _study_section(pipe, "merge", "Table 3 — merging interference and distances; TIES "
                                          "analyses (papers A and C)")
-  blocks += _study_section(pipe, "representations", "Paper B — CKA and UMAP of representations")
+  blocks += _study_section(pipe, "representations",
+                           "Paper B — CKA, SVCCA, PWCCA, Procrustes and UMAP of representations")
   blocks += _study_section(pipe, "one_vs_rest", "Paper D — one-vs-rest vs multiclass LoRA")
   return blocks
 

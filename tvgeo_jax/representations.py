@@ -7,6 +7,9 @@ per layer we take the first token (or the token mean) and compare:
 * CKA heatmaps (``tvgeo_jax.analysis.cka``, unbiased minibatch estimator by default)
   between every pair of models, layers × layers, each model against itself and against
   the PLM included, with the quartiles and maximum of every row and column (paper B);
+* SVCCA, PWCCA and the orthogonal Procrustes distance (``tvgeo_jax.analysis.similarity``;
+  Raghu et al. 2017, Morcos et al. 2018, Ding et al. 2021) for the same pairs and layers,
+  beside the CKA heatmaps (``similarities``);
 * UMAP (``tvgeo_jax.analysis.umap_analysis``) per chosen layer, fitted on one model
   (default the bottleneck run, as in paper B, else the first run) and applied to the
   others with ``transform``; the mean 2-D distance between two models' projections of
@@ -32,11 +35,13 @@ import numpy as np
 
 from tvgeo_jax import io_utils
 from tvgeo_jax.analysis import cka as cka_lib
+from tvgeo_jax.analysis import similarity as sim_lib
 from tvgeo_jax.analysis import umap_analysis as ua
 
 PLM = "plm"
 CKA_JSON = "cka.json"
 CKA_FIGURE = "cka_heatmaps.png"
+SIMILARITIES_JSON = "similarities.json"
 UMAP_JSON = "umap.json"
 UMAP_FIGURE = "umap.png"
 CLUSTERS_JSON = "clusters.json"
@@ -134,10 +139,13 @@ def analyse(reps: Mapping[str, np.ndarray], out_dir: str, *, layers: Optional[Se
             estimator: str = "unbiased", cka_batch_size: Optional[int] = 256,
             umap: bool = True, fit_on: Optional[str] = None, n_neighbors: int = 15,
             approximate: bool = True, n_clusters: int = 4, seed: int = 0,
-            labels: Optional[np.ndarray] = None) -> Dict[str, Any]:
+            labels: Optional[np.ndarray] = None,
+            similarities: Sequence[str] = sim_lib.MEASURES) -> Dict[str, Any]:
   """CKA, UMAP and cluster numbers and figures of ``{model: [L + 1, n, d]}`` stacks.
 
-  Writes ``cka.json`` + ``cka_heatmaps.png``, (with ``umap``) ``umap.json`` +
+  Writes ``cka.json`` + ``cka_heatmaps.png``, ``similarities.json`` +
+  ``{svcca,pwcca,procrustes}_heatmaps.png`` (those in ``similarities``), (with ``umap``)
+  ``umap.json`` +
   ``umap.png``, ``clusters.json`` and the summary ``representations.json`` into
   ``out_dir``; returns the summary.
 
@@ -153,10 +161,12 @@ def analyse(reps: Mapping[str, np.ndarray], out_dir: str, *, layers: Optional[Se
     n_clusters: k of the k-means clustering.
     seed: UMAP and k-means seed.
     labels: the examples' class labels, stored with the projections when given.
+    similarities: representation similarities besides CKA (``similarity.MEASURES``).
   """
   names = list(reps)
   if not names:
     raise ValueError("No representations to analyse.")
+  similarities = sim_lib.check_measures(similarities)
   depth = {k: np.shape(v)[0] for k, v in reps.items()}
   num_layers = min(depth.values()) - 1
   layers = list(layers) if layers else default_layers(num_layers)
@@ -182,6 +192,8 @@ def analyse(reps: Mapping[str, np.ndarray], out_dir: str, *, layers: Optional[Se
       "cka_diagonal": {f"{a}|{b}": np.diag(np.asarray(m)).tolist()
                        for (a, b), m in matrices.items()},
   }
+  if similarities:
+    summary["similarity_diagonal"] = _similarities(reps, out_dir, similarities, n)
 
   clusters = {}
   for layer in layers:
@@ -209,6 +221,46 @@ def analyse(reps: Mapping[str, np.ndarray], out_dir: str, *, layers: Optional[Se
   return summary
 
 
+def _similarities(reps, out_dir: str, measures: Sequence[str], n: int) -> Dict[str, Any]:
+  """SVCCA / PWCCA / Procrustes: ``similarities.json``, one heatmap figure per measure."""
+  mats = sim_lib.pairwise_similarities(reps, measures)
+  width = max(int(np.shape(v)[-1]) for v in reps.values())
+  # CCA of two d-dimensional representations of n <= 2d examples finds correlations of 1
+  # whatever the models are (their column spaces must intersect); say so where it shows.
+  caveat = (f"n={n} <= 2 x {width} features: CCA over all features gives correlations of 1 "
+            "whatever the models (PWCCA); SVCCA's kept directions saturate less; use "
+            f"n > {2 * width}" if n <= 2 * width else None)
+  doc: Dict[str, Any] = {"num_examples": n, "models": list(reps), "warning": caveat,
+                         "measures": {}}
+  diagonals = {}
+  for m, pairs in mats.items():
+    with warnings.catch_warnings():  # all-NaN rows (constant features)
+      warnings.simplefilter("ignore", RuntimeWarning)
+      doc["measures"][m] = {
+          "kind": sim_lib.KIND[m], "range": list(sim_lib.RANGE[m]),
+          "pairs": {f"{a}|{b}": {"a": a, "b": b, "matrix": np.asarray(x).tolist(),
+                                 "summary": ua.cka_summary(x)} for (a, b), x in pairs.items()}}
+      top = float(np.nanmax([np.nanmax(x) for x in pairs.values()]))
+    diagonals[m] = {f"{a}|{b}": np.diag(np.asarray(x)).tolist() for (a, b), x in pairs.items()}
+    # similarities on CKA's fixed [0, 1]; a distance on [0, its largest value] (shared)
+    lo, hi = sim_lib.RANGE[m] if sim_lib.KIND[m] == "similarity" else (0.0, max(top, 1e-6))
+    title = _SIMILARITY_TITLES[m].format(n=n)
+    if caveat and m in ("svcca", "pwcca"):
+      title += f"\n{caveat}"
+    ua.plot_cka_heatmaps(pairs, os.path.join(out_dir, f"{m}_heatmaps.png"), title=title,
+                         vmin=lo, vmax=hi)
+  io_utils.atomic_write_json(os.path.join(out_dir, SIMILARITIES_JSON), doc)
+  return diagonals
+
+
+_SIMILARITY_TITLES = {
+    "svcca": "SVCCA similarity (Raghu et al. 2017; 99% variance kept, n={n})",
+    "pwcca": "PWCCA similarity (Morcos et al. 2018; weights of the row model, n={n})",
+    "procrustes": "Orthogonal Procrustes distance (Ding et al. 2021; 0 = same up to "
+                  "rotation, range 0-2, n={n})",
+}
+
+
 def run_study(run_dirs: Sequence[str], out_dir: str, *, task: Optional[str] = None,
               base: Optional[str] = None, split: str = "test", max_examples: int = 2000,
               token: str = "first", batch_size: int = 64, **analyse_kwargs) -> Dict[str, Any]:
@@ -217,6 +269,7 @@ def run_study(run_dirs: Sequence[str], out_dir: str, *, task: Optional[str] = No
   ``task`` (if given) must match the runs' task. Data settings (seed, scale, data
   directory, maximum length) are the first run's, so the examples are the run's.
   """
+  sim_lib.check_measures(analyse_kwargs.get("similarities", ()))   # before the slow part
   models, first = load_models(run_dirs, base)
   if task and task != first.task:
     raise ValueError(f"--task={task} but the runs were trained on {first.task}.")

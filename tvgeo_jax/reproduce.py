@@ -42,10 +42,10 @@ class StudyPreset:
   repr_task: Optional[str] = None
   ovr_task: Optional[str] = None
   distance_top_k: int = 8
-  merge_methods: Tuple[str, ...] = ("lora_factor_average", "lora_product_average")
   repr_max_examples: int = 500
   umap: bool = True
   multitask_methods: Tuple[str, ...] = ("lora_factor_average", "task_arithmetic", "ties")
+  max_concurrent: Optional[int] = None  # tasks per concurrent fine-tuning group (None: all)
 
   def train_config(self, task: str, method: str):
     from tvgeo_jax.training import presets
@@ -122,15 +122,26 @@ class Pipeline:
           jobs.append((self.preset.repr_task, m))
     return jobs
 
+  def finetune_groups(self) -> List[Tuple[str, List[str]]]:
+    """(method, tasks) per fine-tuning step: one concurrent group per method on one host;
+    one task per step under multi-host (each run is data-parallel over every host)."""
+    import jax
+    jobs = self.finetune_jobs()
+    if jax.process_count() > 1:
+      return [(m, [t]) for t, m in jobs]
+    methods = list(dict.fromkeys(m for _, m in jobs))
+    return [(m, [t for t, mm in jobs if mm == m]) for m in methods]
+
   def steps(self) -> List[Step]:
     from tvgeo_jax import runs
     p = self.preset
     steps = [Step("base", self._base, lambda: False, training=True)]
-    for task, method in self.finetune_jobs():
-      d = self.run_dir(task, method)
-      steps.append(Step(f"finetune {task} {method}",
-                        lambda t=task, m=method: self._finetune(t, m),
-                        lambda d=d: runs.is_finished(d), training=True))
+    for method, tasks in self.finetune_groups():
+      dirs = [self.run_dir(t, method) for t in tasks]
+      name = f"finetune {tasks[0]} {method}" if len(tasks) == 1 else \
+          f"finetune {method} ({len(tasks)} tasks concurrently)"
+      steps.append(Step(name, lambda ts=tasks, m=method: self._finetune(ts, m),
+                        lambda ds=dirs: all(runs.is_finished(d) for d in ds), training=True))
     for method in p.methods:
       out = os.path.join(self.out, "distances", method)
       steps.append(Step(f"distances {method}", lambda m=method: self._distances(m),
@@ -188,9 +199,14 @@ class Pipeline:
         embedded.ensure_embedded_base()
       wait_for_all_processes("tvgeo_jax embedded base")
 
-  def _finetune(self, task: str, method: str):
-    from tvgeo_jax.training import loop
-    loop.finetune(self.preset.train_config(task, method), self.run_dir(task, method))
+  def _finetune(self, tasks: Sequence[str], method: str):
+    from tvgeo_jax.training import group, loop
+    configs = [self.preset.train_config(t, method) for t in tasks]
+    dirs = [self.run_dir(t, method) for t in tasks]
+    if len(tasks) == 1:
+      loop.finetune(configs[0], dirs[0])
+    else:
+      group.finetune_many(configs, dirs, max_concurrent=self.preset.max_concurrent)
 
   def _sources(self, method: str, tasks: Optional[Sequence[str]] = None):
     from tvgeo_jax import sources
@@ -327,7 +343,7 @@ def one_vs_rest_findings(res: Mapping[str, Any]) -> List[str]:
   """Paper D: compare macro-F1 of the approaches (the paper found one-vs-rest competitive)."""
   scores = {}
   for name, entry in res.get("approaches", {}).items():
-    f1 = entry.get("macro_f1", entry.get("metrics", {}).get("f1_macro"))
+    f1 = entry.get("macro_f1")
     if f1 is not None:
       scores[name] = float(f1)
   if not scores:
@@ -360,7 +376,7 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
   """
   from tvgeo_jax.models import EncoderConfig
   from tvgeo_jax.training import flops as flops_lib
-  config = EncoderConfig() if preset.model in ("roberta-base", "embedded-roberta-base") else None
+  config = EncoderConfig() if preset.model == "roberta-base" else None
   if config is None:
     from tvgeo_jax.models import load_pretrained
     config, _ = load_pretrained(preset.model)
@@ -386,9 +402,22 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
     runs.append({"task": task, "method": method, "max_steps": tc.epochs * steps_per_epoch,
                  "epochs": tc.epochs, "batch_size": tc.batch_size, "train_examples": n_train,
                  "tflops_upper_bound": round(flops / 1e12, 1)})
+  groups = []
+  from tvgeo_jax import partition
+  from tvgeo_jax.training import group as group_lib
+  for method, tasks in Pipeline(preset, "/dev/null").finetune_groups():
+    tc = preset.train_config(tasks[0], method)
+    tree = trees_by_method[(method, tc.lora_rank, tuple(tc.lora_targets), tc.bottleneck_size,
+                            tc.bottleneck_reduction_factor)]
+    trainable, frozen = partition.split(tree, method)
+    size = min(len(tasks), preset.max_concurrent or len(tasks))
+    need = group_lib.group_memory_bytes([tc] * size, config, trainable, frozen)
+    groups.append({"method": method, "tasks": len(tasks), "tasks_per_group": size,
+                   "group_memory_gb": round(need / 2**30, 2)})
   act = 20 * 128 * h * l * 4 * 16  # batch 20, seq 128: ~16 saved activations per layer
   memory = {"params_fp32_mb": round(total * 4 / 2**20), "adam_full_ft_mb": round(total * 12 / 2**20),
             "activations_batch20_seq128_mb": round(act / 2**20)}
   return {"preset": preset.name, "model": preset.model, "runs": runs, "num_runs": len(runs),
+          "concurrent_groups": groups,
           "total_pflops_upper_bound": round(total_flops / 1e15, 2), "memory": memory,
           "h100_hours_at_40pct_mfu": round(total_flops / (0.4 * 989e12) / 3600, 2)}

@@ -178,12 +178,14 @@ def _grid(count: int, ncols: Optional[int] = None):
 
 
 def plot_cka_heatmaps(matrices: Mapping[Any, Any], path: str, title: str = "Linear CKA",
-                      ncols: Optional[int] = None) -> None:
+                      ncols: Optional[int] = None, vmin: float = 0.0, vmax: float = 1.0
+                      ) -> None:
   """One heatmap per model pair, in a grid, written as a PNG.
 
   ``matrices`` maps ``(model_a, model_b)`` (or any label) to ``[L_a, L_b]``; rows are
   model a's layers (y axis, layer 0 = embeddings at the bottom), columns model b's.
-  The colour scale is fixed to [0, 1].
+  The colour scale is fixed to ``[vmin, vmax]`` ([0, 1] for CKA; the other layer
+  similarities of ``representations`` use it too).
   """
   if not matrices:
     raise ValueError("No CKA matrix to plot.")
@@ -194,7 +196,7 @@ def plot_cka_heatmaps(matrices: Mapping[Any, Any], path: str, title: str = "Line
   image = None
   for ax, (key, m) in zip(axes.ravel(), matrices.items()):
     a, b = key if isinstance(key, tuple) and len(key) == 2 else ("", "")
-    image = ax.imshow(np.asarray(m, np.float64), origin="lower", vmin=0.0, vmax=1.0,
+    image = ax.imshow(np.asarray(m, np.float64), origin="lower", vmin=vmin, vmax=vmax,
                       cmap="magma", aspect="auto")
     ax.set_title(f"{a} vs {b}" if a else str(key), fontsize=9)
     ax.set_ylabel(f"{a} layer" if a else "layer")

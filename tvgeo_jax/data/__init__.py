@@ -16,7 +16,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from tvgeo_jax.data.hub_loading import DataNotFoundError, load_real_splits, split_train_validation
+from tvgeo_jax.data.hub_loading import (DataNotFoundError, hub_revision, load_real_splits,
+                                        split_train_validation)
 from tvgeo_jax.data.pipeline import Batches, EncodedSplit, bucket_lengths, encode
 from tvgeo_jax.data.registry import (AUTHORSHIP_REFERENCE, AUTHORSHIP_WRITERS, PAPER_TASKS,
                                      SYNTH_PAPER_TASKS, TASKS, TaskSpec, get_task, list_tasks)
@@ -48,7 +49,7 @@ class TaskData:
 
 
 def load_task_data(name: str, data_dir: Optional[str] = None, seed: int = 0,
-                   scale: float = 1.0) -> TaskData:
+                   scale: float = 1.0, revision: Optional[str] = None) -> TaskData:
   """Load a task's train / validation / test splits.
 
   Args:
@@ -56,6 +57,7 @@ def load_task_data(name: str, data_dir: Optional[str] = None, seed: int = 0,
     data_dir: for real tasks, a local copy in the hub's formats instead of the hub.
     seed: seed of the 90/10 train/validation split (and of generation for synth tasks).
     scale: size multiplier of synthetic tasks (ignored for real tasks).
+    revision: for hub tasks, the dataset revision (branch, tag or commit).
 
   Raises:
     HubUnavailableError: a real task without ``data_dir`` while the hub is unreachable.
@@ -63,8 +65,9 @@ def load_task_data(name: str, data_dir: Optional[str] = None, seed: int = 0,
   spec = get_task(name)
   if spec.is_synthetic:
     from tvgeo_jax.data import synthetic
-    if data_dir is not None:
-      raise ValueError(f"{spec.name} is generated offline; --data_dir applies to real tasks "
+    if data_dir is not None or revision is not None:
+      flag = "--data_dir" if data_dir is not None else "--data_revision"
+      raise ValueError(f"{spec.name} is generated offline; {flag} applies to real tasks "
                        f"only (did you mean --task={spec.counterpart}?).")
     gen = synthetic.generate(spec.name, seed=seed, scale=scale)
     texts, labels = gen["train"]
@@ -72,7 +75,7 @@ def load_task_data(name: str, data_dir: Optional[str] = None, seed: int = 0,
     raw = {"train": ([texts[i] for i in tr], labels[tr]),
            "validation": ([texts[i] for i in va], labels[va]), "test": gen["test"]}
   else:
-    raw = load_real_splits(spec, data_dir=data_dir, seed=seed)
+    raw = load_real_splits(spec, data_dir=data_dir, seed=seed, revision=revision)
   return TaskData(spec, {k: SplitData(list(raw[k][0]), raw[k][1]) for k in SPLITS})
 
 
@@ -80,6 +83,6 @@ __all__ = [
     "AUTHORSHIP_REFERENCE", "AUTHORSHIP_WRITERS", "Batches", "DataNotFoundError",
     "EncodedSplit", "HubUnavailableError", "MAX_LENGTH", "PAPER_TASKS", "SPLITS",
     "SYNTH_PAPER_TASKS", "SplitData", "TASKS", "TaskData", "TaskSpec", "VOCAB_SIZE",
-    "bucket_lengths", "encode", "get_task", "list_tasks", "load_task_data", "load_tokenizer",
-    "split_train_validation",
+    "bucket_lengths", "encode", "get_task", "hub_revision", "list_tasks", "load_task_data",
+    "load_tokenizer", "split_train_validation",
 ]

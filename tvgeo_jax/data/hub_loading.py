@@ -51,7 +51,12 @@ def split_train_validation(n: int, seed: int,
 
 
 def resolve_task_dir(task: TaskSpec, data_dir: str) -> str:
-  """The folder holding ``task``'s files inside ``data_dir`` (see the module docstring)."""
+  """The folder holding ``task``'s files inside ``data_dir`` (see the module docstring).
+
+  ``data_dir/<task>/`` or ``data_dir/<hub config>/`` when present; else ``data_dir``
+  itself, only when its own top level holds the train split (never the files of
+  another task found further down).
+  """
   if not os.path.isdir(data_dir):
     raise DataNotFoundError(f"--data_dir {data_dir!r} is not a directory.")
   for sub in (task.name, task.hub_config):
@@ -59,7 +64,28 @@ def resolve_task_dir(task: TaskSpec, data_dir: str) -> str:
       candidate = os.path.join(data_dir, sub)
       if _has_split(candidate, "train"):
         return candidate
-  return data_dir
+  if _has_own_split(data_dir, "train"):
+    return data_dir
+  folders = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+  wanted = " or ".join(repr(f"{s}/") for s in dict.fromkeys((task.name, task.hub_config)) if s)
+  raise DataNotFoundError(
+      f"{task.name}: {data_dir!r} holds no {wanted} folder with a 'train' split and no train "
+      f"files of its own (its folders: {folders}); point --data_dir at the task's own folder.")
+
+
+def _has_own_split(directory: str, split: str) -> bool:
+  """The split's files directly in ``directory`` (or in ``directory/<split>/``)."""
+  if os.path.exists(os.path.join(directory, "dataset_dict.json")):
+    return os.path.isdir(os.path.join(directory, split))
+  pat = _split_pattern(split)
+  return (any(pat.match(f) for f in os.listdir(directory))
+          or (os.path.isdir(os.path.join(directory, split))
+              and bool(_split_files(os.path.join(directory, split), split)[1])))
+
+
+def _split_globs(split: str) -> List[str]:
+  """allow_patterns of one split's files (relative to the config folder)."""
+  return [f"{split}-*", f"{split}.*", f"{split}/*"]
 
 
 def _split_pattern(split: str) -> re.Pattern:
@@ -134,14 +160,15 @@ def _to_texts_labels(ds, task: TaskSpec, where: str) -> Tuple[Texts, np.ndarray]
   return texts, labels
 
 
-def load_real_splits(task: TaskSpec, data_dir: Optional[str] = None,
-                     seed: int = 0) -> Dict[str, Tuple[Texts, np.ndarray]]:
+def load_real_splits(task: TaskSpec, data_dir: Optional[str] = None, seed: int = 0,
+                     revision: Optional[str] = None) -> Dict[str, Tuple[Texts, np.ndarray]]:
   """``{'train', 'validation', 'test'} -> (texts, labels)`` of a real task.
 
   Args:
     task: a non-synthetic TaskSpec.
     data_dir: a local copy (see the module docstring); None fetches from the hub.
     seed: seed of the 90/10 train/validation split.
+    revision: hub dataset revision (branch, tag or commit; None: the default branch).
 
   Raises:
     tvgeo_jax.hub.HubUnavailableError: no ``data_dir`` and the hub is unreachable.
@@ -150,7 +177,10 @@ def load_real_splits(task: TaskSpec, data_dir: Optional[str] = None,
   if task.is_synthetic:
     raise ValueError(f"{task.name} is synthetic: use tvgeo_jax.data.synthetic.")
   if data_dir is None:
-    directory = fetch_from_hub(task)
+    directory = fetch_from_hub(task, revision)
+  elif revision is not None:
+    raise ValueError(f"--data_revision={revision!r} selects a hub revision; it does not apply "
+                     f"to --data_dir={data_dir!r} (drop one of them).")
   else:
     directory = resolve_task_dir(task, data_dir)
   train_ds = _read_split(directory, "train", task)
@@ -165,15 +195,28 @@ def load_real_splits(task: TaskSpec, data_dir: Optional[str] = None,
   }
 
 
-def fetch_from_hub(task: TaskSpec) -> str:
-  """Local folder of ``task``'s parquet files from the hub (cached, else downloaded).
+def fetch_from_hub(task: TaskSpec, revision: Optional[str] = None) -> str:
+  """Local folder ``<hub config>/`` of ``task``'s parquet files from the hub, at ``revision``.
 
-  Fails within seconds offline (``HF_HUB_OFFLINE=1`` or no network) with a
-  ``HubUnavailableError`` that names the task and the alternatives.
+  Only the splits the task reads (train and its test split) are downloaded; a
+  cached snapshot counts only if it holds that folder with both splits, so a cache
+  filled for another config never stands in for this one. Fails within seconds
+  offline (``HF_HUB_OFFLINE=1`` or no network) with a ``HubUnavailableError`` that
+  names the task, the missing folder and the alternatives.
   """
-  patterns: Sequence[str] = [f"{task.hub_config}/*"] if task.hub_config else ["*"]
+  splits = ("train", task.test_split)
+  patterns = [f"{task.hub_config}/{g}" for s in splits for g in _split_globs(s)]
+
+  def missing(root: str) -> Optional[str]:
+    folder = os.path.join(root, task.hub_config)
+    if not os.path.isdir(folder):
+      return f"the folder {task.hub_config + '/'!r}"
+    lacking = [s for s in splits if not _has_split(folder, s)]
+    return (f"the split(s) {lacking} in {task.hub_config + '/'!r}" if lacking else None)
+
   try:
-    root = hub.snapshot(task.hub_path, kind="dataset", allow_patterns=list(patterns))
+    root = hub.snapshot(task.hub_path, kind="dataset", allow_patterns=patterns,
+                        revision=revision, missing=missing)
   except hub.HubUnavailableError as e:
     raise hub.HubUnavailableError(
         f"Task {task.name!r} needs the Hugging Face dataset {task.hub_path!r} "
@@ -181,4 +224,9 @@ def fetch_from_hub(task: TaskSpec) -> str:
         f"Either pass --data_dir=DIR pointing at a local copy (parquet/arrow files per split "
         f"or a save_to_disk DatasetDict, e.g. DIR/{task.hub_config}/train-*.parquet), or use "
         f"the offline synthetic counterpart --task={task.counterpart}.") from e
-  return resolve_task_dir(task, root)
+  return os.path.join(root, task.hub_config)
+
+
+def hub_revision(task: TaskSpec, revision: Optional[str] = None) -> Optional[str]:
+  """The commit of the snapshot ``fetch_from_hub(task, revision)`` reads (cached: no network)."""
+  return hub.snapshot_revision(os.path.dirname(fetch_from_hub(task, revision)))

@@ -76,8 +76,8 @@ def load_tokenizer(model_name_or_dir: str):
     path = name
   else:
     if os.path.sep in name.strip("/").replace("/", "", 1) or name.startswith((".", "/")):
-      raise ValueError(f"Tokenizer path {name!r} does not exist; pass an existing directory, "
-                       f"a hub id, or one of {SYNTHETIC_NAMES}.")
+      raise FileNotFoundError(f"No such model directory: {name!r}; pass an existing "
+                              f"directory, a hub id, or one of {SYNTHETIC_NAMES}.")
     path = hub.snapshot(name, kind="model", allow_patterns=[
         "*.json", "*.txt", "*.model", "vocab.*", "merges.txt"])
   tok = AutoTokenizer.from_pretrained(path)

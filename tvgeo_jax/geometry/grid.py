@@ -2,23 +2,23 @@
 
 Input stacks (BUILD_NOTES "Geometry convention"): LoRA ``(A [T, L, r, in],
 B [T, L, out, r])`` as returned by ``tvgeo_jax.task_vectors.stack_lora`` (scale
-folded into B), or dense ``ΔW [T, L, out, in]`` (``stack_full``).
+folded into B), optionally with nominal ranks ``[T, L]`` as a third item when
+adapters of different rank were zero-padded to a common ``r``
+(``sources.module_stacks``), or dense ``ΔW [T, L, out, in]`` (``stack_full``).
 
-How the work is organised (per layer, layers in sequence inside one jit):
-  1. per task: orthonormal factors ``B = qb rb``, ``Aᵀ = qa ra`` from small
-     products (``linalg.orthonormal_factor``), the ``r x r`` core
-     ``K = rb raᵀ`` (``ΔW = qb K qaᵀ``) and its SVD (ranks, bases);
-  2. one Gram per side over all tasks' stacked bases, ``qbᵀ qb`` and ``qaᵀ qa``
-     ([T r, T r], a GEMM computed block-upper-triangular);
-  3. flattened inner products of every pair from the Gram blocks
-     (``<ΔW_i, ΔW_j> = Σ (K_iᵀ Gb_ij K_j) ⊙ Ga_ij``, ``O(T² r³)``), giving L2
-     and cosine for ``product``, ``a`` and ``b``;
-  4. Grassmann: cosine matrices ``x_iᵀ G_ij x_j`` for all pairs ``i < j`` and
-     their SVDs, in chunks of pairs (memory stays bounded for large T); the
-     ``O(d r²)`` sine step runs only for chunks holding a pair with a cosine
-     above ``linalg.COS_SWITCH`` (elsewhere arccos is already exact to ~eps).
-Dense stacks use one flattened Gram per layer and, for Grassmann, the top-k
-left singular subspaces (SVD per task and layer).
+How the work is organised: the upper block triangle of the ``[T, T]`` matrices
+is cut into ``tb x tb`` tiles (``plan.plan_grid`` sizes them for a memory
+budget; the last block overlaps its neighbour, nothing is padded); the tiles are split over a 1-D device mesh (``jax.shard_map``, inputs
+replicated, one compiled call; multi-host like training); on each device the
+layers run in sequence, and within a layer first the per-task pieces (bases,
+cores, norms) and then this device's tiles (``tiles``). The host puts the tiles
+together into symmetric ``[T, T, L]`` matrices.
+
+Definitions kept in the outputs (``DistanceGrid.notes``): Grassmann distances
+between column spaces of different dimension use the ``min(d1, d2)`` principal
+angles; L2/cosine of the LoRA factors alone are NaN between adapters of
+different rank (matrices of different shapes); near pairs get L2/cosine from
+their difference, not from a Gram (``tiles.NEAR``).
 """
 from __future__ import annotations
 
@@ -32,8 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvgeo_jax.geometry import linalg, pairwise
-from tvgeo_jax.geometry.linalg import einsum
+from jax.sharding import PartitionSpec as P
+
+from tvgeo_jax.geometry import plan as plan_lib
+from tvgeo_jax.geometry import tiles as tiles_lib
+from tvgeo_jax.training import sharding
 
 METRICS = ("l2", "cosine", "grassmann")
 FACTORS = ("product", "a", "b")
@@ -46,7 +49,7 @@ class DistanceGrid:
 
   ``factor`` is ``"product"`` (the update ΔW = BA, or the dense ΔW), ``"a"`` or
   ``"b"`` (LoRA factors alone, see the identifiability caveat in
-  ``pairwise``). ``ranks[factor]`` ``[T, L]`` are numerical ranks (for dense
+  ``pairwise``; their L2/cosine are NaN between adapters of different rank). ``ranks[factor]`` ``[T, L]`` are numerical ranks (for dense
   stacks the full rank, not top-k), ``sq_norms[factor]`` squared Frobenius
   norms, ``reports`` one dict per zero matrix (NaN distances) or rank-deficient
   A (then ``Im(BA) ≠ Im(B)``; the product's own column space is used).
@@ -60,6 +63,8 @@ class DistanceGrid:
   reports: Tuple[Dict[str, Any], ...]
   kind: str                       # "lora" or "dense"
   top_k: Optional[int] = None
+  lora_ranks: Optional[np.ndarray] = None    # [T, L] nominal LoRA ranks (before padding)
+  notes: Tuple[str, ...] = ()                # definitions the numbers depend on
 
   @property
   def num_tasks(self) -> int:
@@ -99,16 +104,18 @@ class DistanceGrid:
 
 # --- input handling ----------------------------------------------------------------
 
-def _as_stack(stack: Stack) -> Tuple[str, Tuple[np.ndarray, ...]]:
-  """("lora", (a, b)) or ("dense", (w,)), validated, float32."""
+def _as_stack(stack: Stack) -> Tuple[str, Tuple[jax.Array, ...]]:
+  """("lora", (a, b, nominal_rank)) or ("dense", (w,)), validated, float32."""
   if isinstance(stack, Mapping):
-    if set(stack) != {"a", "b"}:
-      raise ValueError(f"A LoRA stack mapping needs keys 'a' and 'b', got {sorted(stack)}.")
-    stack = (stack["a"], stack["b"])
+    if not {"a", "b"} <= set(stack) <= {"a", "b", "rank"}:
+      raise ValueError(f"A LoRA stack mapping needs keys 'a', 'b' (and optionally 'rank'), got "
+                       f"{sorted(stack)}.")
+    stack = (stack["a"], stack["b"]) + ((stack["rank"],) if "rank" in stack else ())
   if isinstance(stack, (tuple, list)):
-    if len(stack) != 2:
-      raise ValueError(f"A LoRA stack is (A [T, L, r, in], B [T, L, out, r]); got {len(stack)} arrays.")
-    a, b = (jnp.asarray(s, jnp.float32) for s in stack)
+    if len(stack) not in (2, 3):
+      raise ValueError(f"A LoRA stack is (A [T, L, r, in], B [T, L, out, r][, ranks [T, L]]); "
+                       f"got {len(stack)} arrays.")
+    a, b = (jnp.asarray(s, jnp.float32) for s in stack[:2])
     if a.ndim != 4 or b.ndim != 4:
       raise ValueError(f"LoRA stacks must be A [T, L, r, in] and B [T, L, out, r]; got "
                        f"A {a.shape}, B {b.shape}.")
@@ -119,7 +126,14 @@ def _as_stack(stack: Stack) -> Tuple[str, Tuple[np.ndarray, ...]]:
     if r > min(a.shape[3], b.shape[2]):
       raise ValueError(f"LoRA rank {r} exceeds min(out={b.shape[2]}, in={a.shape[3]}): the pair "
                        "looks swapped; pass (A [T, L, r, in], B [T, L, out, r]).")
-    return "lora", (a, b)
+    if len(stack) == 3:
+      rank = np.asarray(stack[2])
+      if rank.shape != a.shape[:2] or rank.min() < 0 or rank.max() > r:
+        raise ValueError(f"LoRA ranks must be [T, L] = {a.shape[:2]} integers in 0..{r} (the "
+                         f"factors' padded rank); got shape {rank.shape}.")
+    else:
+      rank = np.full(a.shape[:2], r)
+    return "lora", (a, b, jnp.asarray(rank, jnp.int32))
   w = jnp.asarray(stack, jnp.float32)
   if w.ndim != 4:
     raise ValueError(f"A dense stack is ΔW [T, L, out, in]; got shape {w.shape}.")
@@ -141,180 +155,128 @@ def _check_names(names: Sequence[str], metrics, factors, kind, top_k):
     raise ValueError(f"Task names must be unique, got {list(names)}.")
 
 
-# --- building blocks (inside jit) --------------------------------------------------
+# --- the compiled call -------------------------------------------------------------
 
-def _block_gram(q: jax.Array, block: int) -> jax.Array:
-  """``G[t, s] = q_tᵀ q_s``: ``q [T, n, k] -> [T, T, k, k]``.
+@functools.lru_cache(maxsize=64)
+def _compiled(mesh, kind, metrics, factors, rtol, top_k, tile, t, n_layers, flat_method):
+  """The jitted, device-sharded grid for one configuration (cached per mesh and shapes)."""
+  starts = plan_lib.tile_starts(t, tile)
+  n_dev = mesh.size
+  per_dev = math.ceil(len(starts) / n_dev)      # spare slots repeat tile 0 (results unused)
+  padded = np.concatenate([starts, np.repeat(starts[:1], per_dev * n_dev - len(starts), 0)])
+  tile_fn = tiles_lib.lora_tile if kind == "lora" else tiles_lib.dense_tile
+  opts = dict(tb=tile, metrics=metrics, factors=factors, flat_method=flat_method)
 
-  One GEMM when ``T <= block``; otherwise only the upper block triangle is
-  computed (the lower blocks are transposes), which saves ~40% of the dominant
-  cost. The blocks form ONE batched product: several independent large dots
-  in one program can wedge XLA's CPU thread pool on small machines (seen with
-  2 cores: the run stalls at 0% CPU).
-  """
-  t, n, k = q.shape
-  if t <= block:
-    return einsum("tnk,snl->tskl", q, q)
-  nb = math.ceil(t / block)
-  q = jnp.pad(q, ((0, nb * block - t), (0, 0), (0, 0))).reshape(nb, block, n, k)
-  bi, bj = np.triu_indices(nb)
-  prods = einsum("ptnk,psnl->ptskl", q[bi], q[bj])       # [pairs, block, block, k, k]
-  where = {(int(i), int(j)): p for p, (i, j) in enumerate(zip(bi, bj))}
-  rows = []
-  for i in range(nb):
-    rows.append(jnp.concatenate(
-        [prods[where[i, j]] if i <= j else jnp.transpose(prods[where[j, i]], (1, 0, 3, 2))
-         for j in range(nb)], axis=1))
-  return jnp.concatenate(rows, axis=0)[:t, :t]
+  def body(arrays, my_tiles):
+    def layer(l):
+      xs = [jax.lax.dynamic_index_in_dim(x, l, axis=1, keepdims=False) for x in arrays]
+      sp = (tiles_lib.lora_tasks(*xs, rtol) if kind == "lora"
+            else tiles_lib.dense_tasks(xs[0], rtol, top_k))
+      per_tile = jax.lax.map(lambda ij: tile_fn(sp, ij[0], ij[1], **opts), my_tiles)
+      return per_tile, tiles_lib.task_outputs(kind, sp, factors)
+    return jax.lax.map(layer, jnp.arange(n_layers))
 
-
-def _flat_from_inner(inner: jax.Array, metrics) -> Dict[str, jax.Array]:
-  inner = 0.5 * (inner + inner.T)        # exactly symmetric distances
-  sq = jnp.diagonal(inner)
-  l2, cos = pairwise.distances_from_inner(inner, sq[:, None], sq[None, :])
-  eye = jnp.eye(inner.shape[0], dtype=bool)
-  out = {}
-  if "l2" in metrics:
-    out["l2"] = jnp.where(eye, 0.0, l2)
-  if "cosine" in metrics:
-    out["cosine"] = jnp.where(eye, jnp.where(sq > 0, 0.0, jnp.nan), cos)
-  return out
+  axis = sharding.DATA_AXIS
+  mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis)),
+                         out_specs=(P(None, axis), P()), check_vma=False)
+  return jax.jit(lambda arrays: mapped(arrays, jnp.asarray(padded, jnp.int32))), starts
 
 
-def _grassmann_pairs(q, x, rank, gram, pair_chunk: int) -> jax.Array:
-  """``[T, T]`` Grassmann distances between ``Im(q_t x_t)``, chunked over pairs."""
-  t = q.shape[0]
-  iu, ju = np.triu_indices(t, 1)
-  n_pairs = len(iu)
-  out = jnp.where(jnp.eye(t, dtype=bool), jnp.where(rank > 0, 0.0, jnp.nan), 0.0)
-  if n_pairs == 0:
-    return out
-  pc = min(pair_chunk, n_pairs)
-  n_chunks = math.ceil(n_pairs / pc)
-  pad = n_chunks * pc - n_pairs
-  idx = np.stack([np.pad(iu, (0, pad)), np.pad(ju, (0, pad))]).reshape(2, n_chunks, pc)
-  idx = jnp.asarray(np.transpose(idx, (1, 0, 2)), jnp.int32)
-
-  def chunk(ij):
-    i, j = ij[0], ij[1]
-    xi = None if x is None else x[i]
-    xj = None if x is None else x[j]
-    g = gram[i, j]
-    c = g if x is None else einsum("pab,pac,pcd->pbd", xi, g, xj)
-    u, cs, vt, valid, need = linalg.cosine_svd(c, rank[i], rank[j])
-    theta = jax.lax.cond(
-        jnp.any(need),
-        lambda: linalg.angles_from_svd(u, cs, vt, valid, q[i], xi, q[j], xj, True),
-        lambda: linalg.angles_from_svd(u, cs, vt, valid, with_sines=False))
-    return linalg.grassmann_from_angles(theta, valid)
-
-  d = jax.lax.map(chunk, idx).reshape(-1)[:n_pairs]
-  return out.at[iu, ju].set(d).at[ju, iu].set(d)
+def _on_mesh(x, mesh):
+  """``x`` replicated on every device of ``mesh`` (every process passes the same value)."""
+  if jax.process_count() > 1:
+    return jax.make_array_from_process_local_data(sharding.replicated(mesh), np.asarray(x))
+  return jax.device_put(x, sharding.replicated(mesh))
 
 
-def _layer_lora(a, b, *, metrics, factors, rtol, pair_chunk, gram_block):
-  sp = pairwise.lora_spectral(b, a, rtol)
-  flat = [m for m in metrics if m != "grassmann"]
-  need_gb = any(f in factors for f in ("product", "b"))
-  need_ga = "a" in factors or ("product" in factors and flat)
-  gb = _block_gram(sp["qb"], gram_block) if need_gb else None
-  ga = _block_gram(sp["qa"], gram_block) if need_ga else None
-  res: Dict[str, jax.Array] = {}
-  last = None        # the factors' Grassmann loops run one after the other (linalg._svqb_pass)
-  for f in factors:
-    if flat:
-      if f == "product":
-        core = einsum("iab,ijac,jcd->ijbd", sp["k"], gb, sp["k"])
-        inner = jnp.sum(core * ga, axis=(-2, -1))
-      else:
-        rm, g = (sp["rb"], gb) if f == "b" else (sp["ra"], ga)
-        inner = einsum("iab,ijac,jcb->ij", rm, g, rm)
-      for m, v in _flat_from_inner(inner, flat).items():
-        res[f"{f}/{m}"] = v
-      res[f"{f}/sq_norm"] = jnp.diagonal(inner)
-    if "grassmann" in metrics:
-      q, g = (sp["qa"], ga) if f == "a" else (sp["qb"], gb)
-      x = sp[f]["x"] if last is None else linalg.after(sp[f]["x"], last)
-      last = res[f"{f}/grassmann"] = _grassmann_pairs(q, x, sp[f]["rank"], g, pair_chunk)
-  for f in FACTORS:   # ranks and norms of all three are free; kept for the reports
-    mat = sp["k"] if f == "product" else sp["rb" if f == "b" else "ra"]
-    res.setdefault(f"{f}/sq_norm", jnp.sum(mat * mat, axis=(-2, -1)))
-    res[f"{f}/rank"] = sp[f]["rank"]
-  return res
+def _local(x) -> np.ndarray:
+  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
-def _layer_dense(w, *, metrics, factors, rtol, top_k, pair_chunk, gram_block):
-  del factors
-  t = w.shape[0]
-  flat = [m for m in metrics if m != "grassmann"]
-  res: Dict[str, jax.Array] = {}
-  x = w.reshape(t, -1)
-  inner = einsum("tn,sn->ts", x, x)
-  res["product/sq_norm"] = jnp.diagonal(inner)
-  if flat:
-    for m, v in _flat_from_inner(inner, flat).items():
-      res[f"product/{m}"] = v
-  q, dim, s = pairwise.dense_basis(w, rtol, top_k)
-  tol = linalg.default_rtol(*w.shape[-2:]) if rtol is None else rtol
-  res["product/rank"] = jnp.where(s[:, 0] > 0, jnp.sum(s > tol * s[:, :1], axis=-1), 0)
-  if "grassmann" in metrics:
-    g = _block_gram(q, gram_block)
-    res["product/grassmann"] = _grassmann_pairs(q, None, dim, g, pair_chunk)
-  return res
+def _assemble(tiles: np.ndarray, starts: np.ndarray, t: int) -> np.ndarray:
+  """``[L, n_tiles, tb, tb]`` upper-triangle tiles -> symmetric ``[L, T, T]`` (diagonal unset)."""
+  n_l, _, tb, _ = tiles.shape
+  full = np.zeros((n_l, t, t), tiles.dtype)
+  for n, (i0, j0) in enumerate(starts):
+    full[:, i0:i0 + tb, j0:j0 + tb] = tiles[:, n]
+  upper = np.triu(np.ones((t, t), bool), 1)
+  return np.where(upper, full, np.swapaxes(full, 1, 2))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "kind", "metrics", "factors", "rtol", "top_k", "pair_chunk", "gram_block"))
-def _grid_core(arrays, *, kind, metrics, factors, rtol, top_k, pair_chunk, gram_block):
-  """One compiled call over all layers: returns ``{key: [L, ...]}``."""
-  per_layer = tuple(jnp.swapaxes(x, 0, 1) for x in arrays)     # [L, T, ...]
-  if kind == "lora":
-    fn = lambda xs: _layer_lora(*xs, metrics=metrics, factors=factors, rtol=rtol,
-                                pair_chunk=pair_chunk, gram_block=gram_block)
+def _diagonal(key: str, task: Dict[str, np.ndarray]) -> np.ndarray:
+  """``[L, T]`` self-distances: 0, or NaN where the matrix has no direction."""
+  f, m = key.split("/")
+  if m == "l2":
+    return np.zeros_like(task[f"{f}/sq_norm"])
+  alive = task[f"{f}/sq_norm"] > 0 if m == "cosine" else task.get(f"{f}/dim", task[f"{f}/rank"]) > 0
+  return np.where(alive, 0.0, np.nan).astype(np.float32)
+
+
+def grid_plan(stack: Stack, *, metrics: Sequence[str] = METRICS,
+              factors: Sequence[str] = ("product",), top_k: Optional[int] = None,
+              tile: Optional[int] = None, max_memory: Optional[int] = None,
+              devices: Optional[Sequence[Any]] = None) -> plan_lib.GridPlan:
+  """The tiling, memory and FLOPs of ``grid_arrays`` on ``stack`` (nothing is computed)."""
+  kind, arrays = _as_stack(stack)
+  return _plan_for(kind, arrays, metrics, factors, top_k, tile, max_memory,
+                   len(devices) if devices is not None else jax.device_count())
+
+
+def _plan_for(kind, arrays, metrics, factors, top_k, tile, max_memory, n_dev):
+  if kind == "dense":
+    t, l, out, inn = arrays[0].shape
+    r = min(out, inn) if top_k is None else int(top_k)
   else:
-    fn = lambda xs: _layer_dense(*xs, metrics=metrics, factors=factors, rtol=rtol,
-                                 top_k=top_k, pair_chunk=pair_chunk, gram_block=gram_block)
-  return jax.lax.map(fn, per_layer)
+    (t, l, r, inn), out = arrays[0].shape, arrays[1].shape[2]
+  return plan_lib.plan_grid(kind, t, l, out, inn, r, devices=n_dev, max_memory=max_memory,
+                            tile=tile, metrics=metrics, factors=factors)
 
-
-def default_pair_chunk(n: int, k: int, budget_floats: int = 4_000_000) -> int:
-  """Pairs per chunk so that the ``[chunk, n, k]`` sine buffers stay ~16 MB each."""
-  return max(8, budget_floats // max(1, n * k))
-
-
-def default_gram_block(t: int) -> int:
-  """Tasks per Gram block: one GEMM up to 16 tasks, else ~6 blocks a side."""
-  return t if t <= 16 else max(8, math.ceil(t / 6))
-
-
-# --- public API ----------------------------------------------------------------------
 
 def grid_arrays(stack: Stack, *, metrics: Sequence[str] = METRICS,
                 factors: Sequence[str] = ("product",), rtol: Optional[float] = None,
-                top_k: Optional[int] = None, pair_chunk: Optional[int] = None,
-                gram_block: Optional[int] = None) -> Dict[str, jax.Array]:
-  """The jitted grid on one stack, raw: ``{"factor/metric": [L, T, T], "factor/rank":
-  [L, T], "factor/sq_norm": [L, T]}`` (device arrays, not blocked on).
+                top_k: Optional[int] = None, tile: Optional[int] = None,
+                max_memory: Optional[int] = None, flat_method: str = "auto",
+                devices: Optional[Sequence[Any]] = None) -> Dict[str, np.ndarray]:
+  """The grid on one stack, raw: ``{"factor/metric": [L, T, T], "factor/rank": [L, T],
+  "factor/sq_norm": [L, T]}`` (numpy, on every process).
 
-  This is the one compiled call the benchmark times; ``distance_grid`` wraps it.
+  Args (beyond ``distance_grid``'s): ``tile`` tasks per tile side (default from
+  ``max_memory``, bytes per device, see ``plan.plan_grid``); ``flat_method``
+  ``"auto"`` (near pairs from their difference), ``"gram"`` (all from the Gram)
+  or ``"difference"`` (all from the difference); ``devices`` the mesh (default
+  all devices, every host).
   """
   kind, arrays = _as_stack(stack)
   _check_names([str(i) for i in range(arrays[0].shape[0])], metrics, factors, kind, top_k)
-  if kind == "lora":
-    a, b = arrays
-    n, k = max(a.shape[3], b.shape[2]), a.shape[2]
-  else:
-    n = arrays[0].shape[2]
-    k = min(arrays[0].shape[2:]) if top_k is None else top_k
-  t = arrays[0].shape[0]
-  return _grid_core(
-      arrays, kind=kind, metrics=tuple(metrics), factors=tuple(factors),
-      rtol=None if rtol is None else float(rtol), top_k=top_k,
-      pair_chunk=int(pair_chunk or default_pair_chunk(n, k)),
-      gram_block=int(gram_block or default_gram_block(t)))
+  if flat_method not in tiles_lib.FLAT_METHODS:
+    raise ValueError(f"flat_method={flat_method!r}; choose from {tiles_lib.FLAT_METHODS}.")
+  mesh = sharding.data_mesh(list(devices) if devices is not None else None)
+  t, n_layers = arrays[0].shape[:2]
+  plan = _plan_for(kind, arrays, metrics, factors, top_k, tile, max_memory, mesh.size)
+  fn, starts = _compiled(mesh, kind, tuple(metrics), tuple(factors),
+                         None if rtol is None else float(rtol), top_k, plan.tile, t,
+                         n_layers, flat_method)
+  tile_out, task_out = fn(tuple(_on_mesh(x, mesh) for x in arrays))
+  task = {k: _local(v) for k, v in task_out.items()}
+  raw = {k: v for k, v in task.items() if not k.endswith("/dim")}
+  for key, v in tile_out.items():
+    full = _assemble(sharding.to_host(v), starts, t)
+    idx = np.arange(t)
+    full[:, idx, idx] = _diagonal(key, task)
+    raw[key] = full
+  return raw
 
 
-def _reports(module, kind, task_names, layer_names, ranks, sq_norms, r_lora, factors):
+GRASSMANN_NOTE = ("grassmann: sqrt(sum of squared principal angles) between the column spaces; "
+                  "subspaces of different dimension d1, d2 use their min(d1, d2) angles")
+MIXED_RANK_NOTE = ("adapters of different LoRA rank (lora_rank [T, L]): L2 and cosine of A alone "
+                   "and B alone are NaN for those pairs (matrices of different shapes); BA and "
+                   "every Grassmann distance are defined")
+NEAR_NOTE = ("l2/cosine: pairs with |x - y|^2 < {near} (|x|^2 + |y|^2) are computed from the "
+             "difference x - y (for LoRA the differenced factors), the others from inner products")
+
+
+def _reports(module, kind, task_names, layer_names, ranks, sq_norms, nominal, factors):
   reports = []
   for f in factors:
     rk = ranks[f]
@@ -324,10 +286,11 @@ def _reports(module, kind, task_names, layer_names, ranks, sq_norms, r_lora, fac
                       "layer": layer_names[l], "issue": "zero matrix",
                       "effect": "no column space: grassmann and cosine distances are NaN"})
   if kind == "lora" and "a" in ranks:
-    low = (ranks["a"] < r_lora) & (sq_norms["a"] > 0)
+    low = (ranks["a"] < nominal) & (sq_norms["a"] > 0)
     for t, l in zip(*np.nonzero(low)):
       reports.append({"module": module, "factor": "a", "task": task_names[t],
-                      "layer": layer_names[l], "issue": f"A has rank {int(ranks['a'][t, l])} < r={r_lora}",
+                      "layer": layer_names[l],
+                      "issue": f"A has rank {int(ranks['a'][t, l])} < r={int(nominal[t, l])}",
                       "effect": "Im(BA) is a proper subspace of Im(B); the product's column space is used"})
   return tuple(reports)
 
@@ -336,13 +299,12 @@ def distance_grid(stack: Stack, *, module: str = "", task_names: Optional[Sequen
                   layer_names: Optional[Sequence[str]] = None,
                   metrics: Sequence[str] = METRICS, factors: Sequence[str] = ("product",),
                   rtol: Optional[float] = None, top_k: Optional[int] = None,
-                  pair_chunk: Optional[int] = None, gram_block: Optional[int] = None
-                  ) -> DistanceGrid:
+                  **options) -> DistanceGrid:
   """``T_d[T, T, L]`` for every requested metric and factor of one module stack.
 
   Args:
-    stack: LoRA ``(A [T, L, r, in], B [T, L, out, r])`` (or ``{"a", "b"}``) or
-      dense ``ΔW [T, L, out, in]``.
+    stack: LoRA ``(A [T, L, r, in], B [T, L, out, r][, ranks [T, L]])`` (or
+      ``{"a", "b"[, "rank"]}``) or dense ``ΔW [T, L, out, in]``.
     module: a name kept in the result (e.g. ``"query"``).
     task_names, layer_names: defaults ``task_0..``, ``layer_0..`` (tree order).
     metrics: subset of ``("l2", "cosine", "grassmann")``.
@@ -350,36 +312,33 @@ def distance_grid(stack: Stack, *, module: str = "", task_names: Optional[Sequen
     rtol: rank tolerance relative to the largest singular value
       (default ``max(shape) * eps(float32)`` per matrix).
     top_k: dense only: Grassmann between top-k left singular subspaces.
-    pair_chunk, gram_block: memory/speed knobs (defaults scale with the shapes).
+    **options: ``tile``, ``max_memory``, ``flat_method``, ``devices`` (``grid_arrays``).
 
   Returns:
     A ``DistanceGrid`` (numpy arrays) with NaN entries reported in ``reports``.
   """
-  kind, arrays = _as_stack(stack)
-  t, l = arrays[0].shape[:2]
-  task_names = tuple(task_names) if task_names is not None else tuple(f"task_{i}" for i in range(t))
-  layer_names = tuple(layer_names) if layer_names is not None else tuple(f"layer_{i}" for i in range(l))
-  if len(task_names) != t or len(layer_names) != l:
-    raise ValueError(f"The stack has {t} tasks and {l} layers but {len(task_names)} task names "
-                     f"and {len(layer_names)} layer names were given.")
-  _check_names(task_names, metrics, factors, kind, top_k)
-  raw = jax.device_get(grid_arrays(stack, metrics=metrics, factors=factors, rtol=rtol,
-                                   top_k=top_k, pair_chunk=pair_chunk, gram_block=gram_block))
-  return _to_result(raw, kind, module, task_names, layer_names, metrics, factors, top_k,
-                    arrays[0].shape[2] if kind == "lora" else None)
+  return distance_grids({module: stack}, task_names=task_names, layer_names=layer_names,
+                        metrics=metrics, factors=factors, rtol=rtol, top_k=top_k, **options)[module]
 
 
-def _to_result(raw, kind, module, task_names, layer_names, metrics, factors, top_k, r_lora):
+def _to_result(raw, kind, module, task_names, layer_names, metrics, factors, top_k, nominal):
   distances = {(f, m): np.transpose(np.asarray(raw[f"{f}/{m}"]), (1, 2, 0))
                for f in factors for m in metrics}
   have = [f for f in FACTORS if f"{f}/rank" in raw]
   ranks = {f: np.asarray(raw[f"{f}/rank"]).T.astype(np.int64) for f in have}
   sq_norms = {f: np.asarray(raw[f"{f}/sq_norm"]).T for f in have}
+  notes = []
+  if "grassmann" in metrics:
+    notes.append(GRASSMANN_NOTE)
+  if any(m != "grassmann" for m in metrics):
+    notes.append(NEAR_NOTE.format(near=tiles_lib.NEAR))
+  if nominal is not None and len(np.unique(nominal)) > 1 and set(factors) - {"product"}:
+    notes.append(MIXED_RANK_NOTE)
   return DistanceGrid(module=module, task_names=tuple(task_names), layer_names=tuple(layer_names),
                       distances=distances, ranks=ranks, sq_norms=sq_norms,
-                      reports=_reports(module, kind, task_names, layer_names, ranks, sq_norms, r_lora,
-                                       factors),
-                      kind=kind, top_k=top_k)
+                      reports=_reports(module, kind, task_names, layer_names, ranks, sq_norms,
+                                       nominal, factors),
+                      kind=kind, top_k=top_k, lora_ranks=nominal, notes=tuple(notes))
 
 
 def distance_grids(stacks: Mapping[str, Stack], *, task_names: Optional[Sequence[str]] = None,
@@ -388,6 +347,7 @@ def distance_grids(stacks: Mapping[str, Stack], *, task_names: Optional[Sequence
 
   Same-shape stacks (e.g. query and value) are concatenated along the layer
   axis, so the whole analysis is a single jitted call per distinct shape.
+  ``kwargs`` are ``distance_grid``'s (metrics, factors, rtol, top_k, options).
   """
   if not stacks:
     raise ValueError("distance_grids needs at least one module stack.")
@@ -396,6 +356,8 @@ def distance_grids(stacks: Mapping[str, Stack], *, task_names: Optional[Sequence
   for m, (kind, arrays) in parsed.items():
     groups.setdefault((kind, tuple(a.shape for a in arrays)), []).append(m)
   out: Dict[str, DistanceGrid] = {}
+  metrics = tuple(kwargs.pop("metrics", METRICS))
+  factors = tuple(kwargs.pop("factors", ("product",)))
   for (kind, shapes), mods in groups.items():
     t, l = shapes[0][:2]
     names = tuple(task_names) if task_names is not None else tuple(f"task_{i}" for i in range(t))
@@ -403,15 +365,14 @@ def distance_grids(stacks: Mapping[str, Stack], *, task_names: Optional[Sequence
     if len(names) != t or len(lnames) != l:
       raise ValueError(f"Stacks of {mods} have {t} tasks and {l} layers but {len(names)} task "
                        f"names and {len(lnames)} layer names were given.")
-    metrics = tuple(kwargs.get("metrics", METRICS))
-    factors = tuple(kwargs.get("factors", ("product",)))
     _check_names(names, metrics, factors, kind, kwargs.get("top_k"))
     cat = tuple(jnp.concatenate([parsed[m][1][i] for m in mods], axis=1)
                 for i in range(len(shapes)))
-    stack = cat if kind == "lora" else cat[0]
-    raw = jax.device_get(grid_arrays(stack, **kwargs))
+    raw = grid_arrays(cat if kind == "lora" else cat[0], metrics=metrics, factors=factors,
+                      **kwargs)
     for n_mod, m in enumerate(mods):
       part = {key: v[n_mod * l:(n_mod + 1) * l] for key, v in raw.items()}
+      nominal = np.asarray(parsed[m][1][2]) if kind == "lora" else None
       out[m] = _to_result(part, kind, m, names, lnames, metrics, factors, kwargs.get("top_k"),
-                          shapes[0][2] if kind == "lora" else None)
+                          nominal)
   return {m: out[m] for m in stacks}

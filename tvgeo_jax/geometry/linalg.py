@@ -145,6 +145,29 @@ def cosine_svd(c_mat: jax.Array, rank1: jax.Array, rank2: jax.Array):
   return u, c, vt, valid, need
 
 
+def sine_coefficients(u, c, vt, x1=None, x2=None):
+  """``(p1, p2)`` with ``q2 p2 − q1 p1 = (Q2 − Q1 Q1ᵀ Q2) V`` (``Qk = qk xk``), from ``svd(C)``."""
+  v = jnp.swapaxes(vt, -1, -2)
+  p2 = v if x2 is None else mm(x2, v)
+  p1 = u * jnp.clip(c, 0.0, 1.0)[..., None, :]
+  p1 = p1 if x1 is None else mm(x1, p1)
+  return p1, p2
+
+
+def angles_from_sine_vectors(c, valid, w=None) -> jax.Array:
+  """``θ = atan2(s, c)`` with sines from the difference vectors ``w [..., n, k]``
+  (``None``: from the cosines alone); 0 outside ``valid``."""
+  c = jnp.clip(c, 0.0, 1.0)
+  s_cos = jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
+  if w is None:
+    s = s_cos
+  else:
+    use = valid & (c > COS_SWITCH)
+    norms = jnp.sqrt(jnp.sum(w * w, axis=-2))
+    s = jnp.where(use, _graded_sines(w, use & (norms < SMALL_SINE)), s_cos)
+  return jnp.where(valid, jnp.arctan2(s, c), 0.0)
+
+
 def angles_from_svd(u, c, vt, valid, q1=None, x1=None, q2=None, x2=None,
                     with_sines: bool = True) -> jax.Array:
   """Principal angles between ``Im(q1 x1)`` and ``Im(q2 x2)`` from ``svd(C)``.
@@ -160,21 +183,10 @@ def angles_from_svd(u, c, vt, valid, q1=None, x1=None, q2=None, x2=None,
   Returns:
     ``theta [..., k]``: angles ascending in the ``valid`` entries, 0 elsewhere.
   """
-  c = jnp.clip(c, 0.0, 1.0)
-  s_cos = jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
-  if with_sines:
-    v = jnp.swapaxes(vt, -1, -2)
-    p2 = v if x2 is None else mm(x2, v)
-    p1 = u * c[..., None, :]
-    p1 = p1 if x1 is None else mm(x1, p1)
-    w = mm(q2, p2) - mm(q1, p1)                 # = (Q2 − Q1 Q1ᵀ Q2) V
-    use = valid & (c > COS_SWITCH)
-    norms = jnp.sqrt(jnp.sum(w * w, axis=-2))
-    s_w = _graded_sines(w, use & (norms < SMALL_SINE))
-    s = jnp.where(use, s_w, s_cos)
-  else:
-    s = s_cos
-  return jnp.where(valid, jnp.arctan2(s, c), 0.0)
+  if not with_sines:
+    return angles_from_sine_vectors(c, valid)
+  p1, p2 = sine_coefficients(u, c, vt, x1, x2)
+  return angles_from_sine_vectors(c, valid, mm(q2, p2) - mm(q1, p1))   # (Q2 − Q1 Q1ᵀ Q2) V
 
 
 def principal_angles_from_bases(q1, x1, rank1, q2, x2, rank2, c_mat=None):

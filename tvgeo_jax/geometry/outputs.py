@@ -4,10 +4,13 @@
 calls after ``distance_grids``; its layout:
 
   OUT/distances.npz   "{module}/{factor}/{metric}" -> T_d [T, T, L],
-                      "{module}/{factor}/rank" -> [T, L], plus "task_names",
-                      "module_names" and "{module}/layer_names"
+                      "{module}/{factor}/rank" -> [T, L], "{module}/lora_rank" ->
+                      [T, L] nominal LoRA ranks, plus "task_names", "module_names"
+                      and "{module}/layer_names"
   OUT/distances.json  per module/factor/metric: layer mean T̄_d and the k+ means
-                      (1-indexed, k = 1..L), ranks, NaN reports
+                      (1-indexed, k = 1..L), ranks, NaN reports, and per module the
+                      "notes" defining what the numbers are (min(r1, r2) principal
+                      angles; factor-alone L2/cosine NaN across LoRA ranks)
   OUT/figures/        pca_{factor}_{metric}.png (modules side by side, paper A
                       Figs. 2-3), heatmap_{module}_{factor}_{metric}.png,
                       dendrogram_{module}_{metric}.png (A, B, BA panels, Fig. 4)
@@ -67,7 +70,9 @@ def summary(results: Mapping[str, DistanceGrid]) -> dict:
   for mod, g in results.items():
     doc["task_names"] = list(g.task_names)
     entry = {"kind": g.kind, "layer_names": list(g.layer_names), "top_k": g.top_k,
-             "ranks": {f: r.tolist() for f, r in g.ranks.items()}, "distances": {}}
+             "ranks": {f: r.tolist() for f, r in g.ranks.items()}, "distances": {},
+             "notes": list(g.notes),
+             "lora_ranks": None if g.lora_ranks is None else np.asarray(g.lora_ranks).tolist()}
     for (f, m) in g.distances:
       entry["distances"].setdefault(f, {})[m] = {
           "layer_mean": _nan_to_none(g.layer_mean(f, m)),
@@ -121,6 +126,8 @@ def write_distance_outputs(out_dir: str,
         arrays[f"{mod}/{f}/{m}"] = d
       for f, r in g.ranks.items():
         arrays[f"{mod}/{f}/rank"] = r
+      if g.lora_ranks is not None:
+        arrays[f"{mod}/lora_rank"] = np.asarray(g.lora_ranks)
     np.savez(os.path.join(tmp, "distances.npz"), **arrays)
     written["npz"].append(os.path.join(final, "distances.npz"))
     io_utils.atomic_write_json(os.path.join(tmp, "distances.json"), summary(results))

@@ -10,6 +10,8 @@ Metrics (paper A, section 2.2):
   * L2: ``‖W1 − W2‖_F``;
   * cosine distance: ``1 − <W1, W2> / (‖W1‖ ‖W2‖)`` on the flattened matrices
     (NaN when either matrix is zero);
+  L2 and cosine are computed from the difference ``W1 − W2`` (``distances_from_difference``),
+  not from ``‖W1‖² + ‖W2‖² − 2<W1, W2>``, whose cancellation costs near pairs their digits;
   * Grassmann: ``d_G = sqrt(Σ θ_i²)`` over the principal angles between the
     column spaces ``Im(W1), Im(W2) ⊂ R^out``; subspaces of different dimensions
     use ``min(r1, r2)`` angles; a zero matrix has no column space (NaN).
@@ -57,6 +59,30 @@ def distances_from_inner(inner, sq1, sq2):
   return l2, cos
 
 
+def distances_from_difference(sq_diff, gap, sq1, sq2):
+  """``(l2, cosine)`` from ``‖x − y‖²``, ``gap = ‖x‖² − ‖y‖² = <x − y, x + y>``, ``‖x‖²``, ``‖y‖²``.
+
+  ``1 − cos = (‖x − y‖² − (‖x‖ − ‖y‖)²) / (2 ‖x‖ ‖y‖)`` with ``‖x‖ − ‖y‖ = gap /
+  (‖x‖ + ‖y‖)``: when ``x − y`` and ``gap`` are computed from the differenced
+  inputs, both keep their relative accuracy however close ``x`` and ``y`` are
+  (float32 relative error ~1e-7 at any separation, against ``eps (‖x‖² + ‖y‖²) /
+  ‖x − y‖²`` for ``distances_from_inner``). NaN cosine if a norm is 0.
+  """
+  n1, n2 = jnp.sqrt(sq1), jnp.sqrt(sq2)
+  norm_gap = gap / jnp.where(n1 + n2 > 0, n1 + n2, 1.0)
+  l2 = jnp.sqrt(jnp.maximum(sq_diff, 0.0))
+  denom = n1 * n2
+  cos = jnp.where(denom > 0, jnp.maximum(sq_diff - norm_gap * norm_gap, 0.0)
+                  / (2.0 * jnp.where(denom > 0, denom, 1.0)), jnp.nan)
+  return l2, cos
+
+
+def dense_difference_terms(x: jax.Array, y: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """``(‖x − y‖², <x − y, x + y>)`` over the last two axes, from the difference."""
+  d = x - y
+  return _flat_inner(d, d), _flat_inner(d, x + y)
+
+
 def l2_distance(x: jax.Array, y: jax.Array) -> jax.Array:
   """Frobenius norm of ``x − y`` over the last two axes."""
   d = jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32)
@@ -64,10 +90,11 @@ def l2_distance(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def cosine_distance(x: jax.Array, y: jax.Array) -> jax.Array:
-  """``1 − cos`` of the flattened matrices; NaN if either is zero."""
+  """``1 − cos`` of the flattened matrices (from their difference); NaN if either is zero."""
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.float32)
-  return distances_from_inner(_flat_inner(x, y), _flat_inner(x, x), _flat_inner(y, y))[1]
+  return distances_from_difference(*dense_difference_terms(x, y), _flat_inner(x, x),
+                                   _flat_inner(y, y))[1]
 
 
 # --- dense column spaces -------------------------------------------------------
@@ -147,16 +174,74 @@ def lora_inner(b1, a1, b2, a2) -> jax.Array:
   return jnp.sum(gb * ga, axis=(-2, -1))
 
 
+def _sum2(x, y):
+  return jnp.sum(x * y, axis=(-2, -1))
+
+
+def lora_difference_terms(b1, a1, b2, a2, bb2=None, aa1=None):
+  """``{factor: (‖x − y‖², <x − y, x + y>)}`` for ``product`` (``B1A1 − B2A2``), ``a`` and ``b``.
+
+  The update difference is the rank-2r product of differenced factors,
+  ``B1A1 − B2A2 = [δB | B2] [A1; δA]`` with ``δB = B1 − B2``, ``δA = A1 − A2``
+  (exact in floating point when the factors are close), so every term is of the
+  size of the difference and nothing cancels; only ``r x r`` products of
+  ``δB``, ``δA`` with ``δB``, ``B2``, ``A1``, ``δA`` are formed, ``O((out + in)
+  r²)`` (``difference_terms_from_products``). ``bb2 = B2ᵀB2``, ``aa1 = A1A1ᵀ``
+  may be passed precomputed. The accuracy holds for near pairs whose factors are
+  close (checkpoints of one run, a fine-tune of a fine-tune); two factorisations
+  of one update that differ by a gauge ``(BM, M⁻¹A)`` still get absolute error
+  ~eps ‖ΔW‖ (a Gram gives ~sqrt(eps) ‖ΔW‖). Factors of different ``r`` must be
+  zero-padded first (``pad_rank``).
+  """
+  db, da = b1 - b2, a1 - a2
+  bb2 = einsum("...or,...os->...rs", b2, b2) if bb2 is None else bb2
+  aa1 = einsum("...ri,...si->...rs", a1, a1) if aa1 is None else aa1
+  return difference_terms_from_products(
+      einsum("...or,...os->...rs", db, db), einsum("...or,...os->...rs", db, b2),
+      einsum("...ri,...si->...rs", da, a1), einsum("...ri,...si->...rs", da, da), bb2, aa1)
+
+
+def difference_terms_from_products(dbdb, dbb2, daa1, dada, bb2, aa1):
+  """``lora_difference_terms`` from ``δBᵀδB, δBᵀB2, δA A1ᵀ, δA δAᵀ, B2ᵀB2, A1A1ᵀ`` (``[..., r, r]``)."""
+  a1da = jnp.swapaxes(daa1, -1, -2)
+  sq = _sum2(dbdb, aa1) + 2.0 * _sum2(dbb2, a1da) + _sum2(bb2, dada)
+  # <δB A1 + B2 δA, B1 A1 + B2 A2>, each Gram rebuilt from small + large exact-size parts
+  gap = (_sum2(dbdb + dbb2, aa1) + _sum2(dbb2, aa1 - a1da)
+         + _sum2(jnp.swapaxes(dbb2, -1, -2) + bb2, daa1) + _sum2(bb2, daa1 - dada))
+  tr = lambda m: jnp.trace(m, axis1=-2, axis2=-1)
+  return {"product": (sq, gap),
+          "a": (tr(dada), 2.0 * tr(daa1) - tr(dada)),
+          "b": (tr(dbdb), tr(dbdb) + 2.0 * tr(dbb2))}
+
+
+def pad_rank(b, a, r: int):
+  """Zero-pad ``B (..., out, r0)``, ``A (..., r0, in)`` to rank ``r`` (``B A`` unchanged)."""
+  extra = r - b.shape[-1]
+  if extra < 0:
+    raise ValueError(f"Cannot pad rank {b.shape[-1]} down to {r}.")
+  b = jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, extra)])
+  a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])
+  return b, a
+
+
+def _lora_flat(b1, a1, b2, a2, factor="product"):
+  b1, a1 = _check_lora(b1, a1)
+  b2, a2 = _check_lora(b2, a2)
+  r = max(b1.shape[-1], b2.shape[-1])
+  (b1, a1), (b2, a2) = pad_rank(b1, a1, r), pad_rank(b2, a2, r)
+  sq_diff, gap = lora_difference_terms(b1, a1, b2, a2)[factor]
+  return distances_from_difference(sq_diff, gap, lora_inner(b1, a1, b1, a1),
+                                   lora_inner(b2, a2, b2, a2))
+
+
 def lora_l2_distance(b1, a1, b2, a2) -> jax.Array:
-  """``‖B1A1 − B2A2‖_F`` in ``O((out + in) r²)``."""
-  return distances_from_inner(lora_inner(b1, a1, b2, a2), lora_inner(b1, a1, b1, a1),
-                              lora_inner(b2, a2, b2, a2))[0]
+  """``‖B1A1 − B2A2‖_F`` in ``O((out + in) r²)`` (from the differenced factors)."""
+  return _lora_flat(b1, a1, b2, a2)[0]
 
 
 def lora_cosine_distance(b1, a1, b2, a2) -> jax.Array:
   """Cosine distance of the flattened updates ``B1A1``, ``B2A2`` (NaN if one is 0)."""
-  return distances_from_inner(lora_inner(b1, a1, b2, a2), lora_inner(b1, a1, b1, a1),
-                              lora_inner(b2, a2, b2, a2))[1]
+  return _lora_flat(b1, a1, b2, a2)[1]
 
 
 def lora_spectral(b, a, rtol: Optional[float] = None):

@@ -14,14 +14,14 @@ or use ``with_head``).
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from tvgeo_jax import lora, trees
 from tvgeo_jax.merging import inputs
-from tvgeo_jax.merging.inputs import HeadFrom, Modules
+from tvgeo_jax.merging.inputs import HeadFrom, Modules, Path
 
 
 def weight_average(models: Sequence[Mapping], weights: Optional[Sequence[float]] = None, *,
@@ -46,6 +46,34 @@ def _lora_module_paths(models, modules, what):
   return [p[:-1] for p in inputs.selected_paths(models, modules, what)]
 
 
+def factor_modules(models: Sequence[Mapping], modules: Modules, what: str
+                   ) -> List[Tuple[Path, List[Mapping]]]:
+  """``[(module path, [each model's module dict])]`` for merges that act on the LoRA
+  factors: LoRA on the same modules in every model, equal ranks, equal ``lora_scale``."""
+  out = []
+  for mp in _lora_module_paths(models, modules, what):
+    mods = []
+    for i, m in enumerate(models):
+      mod = trees.get_path(m, mp)
+      if "lora_a" not in mod:
+        raise ValueError(f"{what}: model {i} has no LoRA on {trees.path_str(mp)} but model 0 "
+                         "has; factor merges need the same LoRA modules in every model.")
+      mods.append(mod)
+    for leaf in ("lora_a", "lora_b"):
+      shapes = [np.shape(mod[leaf]) for mod in mods]
+      if len(set(shapes)) > 1:
+        raise ValueError(f"{what}: {trees.path_str(mp)}/{leaf} shapes differ across models "
+                         f"{shapes} (different ranks); factor merges need equal ranks — "
+                         "use lora_product_average for mixed ranks.")
+    scales = [float(mod["lora_scale"]) for mod in mods]
+    if not np.allclose(scales, scales[0], rtol=1e-6, atol=0):
+      raise ValueError(f"{what}: {trees.path_str(mp)} lora_scale differs across models "
+                       f"{scales} (different alpha/r); merging factors would mix scales — "
+                       "use lora_product_average.")
+    out.append((mp, mods))
+  return out
+
+
 def lora_factor_average(models: Sequence[Mapping], weights: Optional[Sequence[float]] = None,
                         *, modules: Modules = None, head_from: HeadFrom = 0) -> dict:
   """Paper A's LoRA merge: average the factors, ``A = Σ w_t A_t``, ``B = Σ w_t B_t``.
@@ -56,27 +84,8 @@ def lora_factor_average(models: Sequence[Mapping], weights: Optional[Sequence[fl
   what = "lora_factor_average"
   models = inputs.check_inputs(models, None, what)
   w = inputs.check_weights(weights, len(models), what)
-  module_paths = _lora_module_paths(models, modules, what)
   replaced = {}
-  for mp in module_paths:
-    mods = []
-    for i, m in enumerate(models):
-      mod = trees.get_path(m, mp)
-      if "lora_a" not in mod:
-        raise ValueError(f"{what}: model {i} has no LoRA on {trees.path_str(mp)} but model 0 "
-                         "has; factor averaging needs the same LoRA modules in every model.")
-      mods.append(mod)
-    for leaf in ("lora_a", "lora_b"):
-      shapes = [np.shape(mod[leaf]) for mod in mods]
-      if len(set(shapes)) > 1:
-        raise ValueError(f"{what}: {trees.path_str(mp)}/{leaf} shapes differ across models "
-                         f"{shapes} (different ranks); factor averaging needs equal ranks — "
-                         "use lora_product_average for mixed ranks.")
-    scales = [float(mod["lora_scale"]) for mod in mods]
-    if not np.allclose(scales, scales[0], rtol=1e-6, atol=0):
-      raise ValueError(f"{what}: {trees.path_str(mp)} lora_scale differs across models "
-                       f"{scales} (different alpha/r); averaging factors would mix scales — "
-                       "use lora_product_average.")
+  for mp, mods in factor_modules(models, modules, what):
     for leaf in ("lora_a", "lora_b"):
       replaced[mp + (leaf,)] = sum(float(w_t) * jnp.asarray(mod[leaf], jnp.float32)
                                    for w_t, mod in zip(w, mods))

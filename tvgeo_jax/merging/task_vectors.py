@@ -3,16 +3,15 @@
 For LoRA models the task vector of a LoRA-carrying kernel is its update
 ``ΔW = scale·A·B`` (Flax layout ``(in, out)``, the transpose of the paper's
 ``B·A``); all other leaves are frozen, so their task vector is zero and they are
-not part of it. Task-vector merges (task arithmetic, TIES, DARE) therefore act on
-the products ``ΔW`` and return plain trees with the merged update folded into the
-kernels: ``θ = θ_0 + λ·τ_merged`` on the selected leaves, the base elsewhere, and
-the head of ``head_from``.
+not part of it. Task-vector merges (task arithmetic, TIES, ``sparsify``,
+``spectral``) therefore act on the products ``ΔW`` and return plain trees with the
+merged update folded into the kernels: ``θ = θ_0 + λ·τ_merged`` on the selected
+leaves, the base elsewhere, and the head of ``head_from``.
 """
 from __future__ import annotations
 
 from typing import List, Mapping, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 
 from tvgeo_jax import trees
@@ -91,30 +90,3 @@ def task_arithmetic(base: Mapping, models: Sequence[Mapping], lam=1.0, *,
   delta = {p: sum(float(l) * tv.leaf(t, p) for t, l in enumerate(lam)) for p in tv.paths}
   return tv.merged(delta, tv.models, head_from)
 
-
-@jax.jit
-def _drop_and_rescale(key: jax.Array, index: int, tau: jax.Array, p: float) -> jax.Array:
-  keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - p, tau.shape)
-  return jnp.where(keep, tau / (1.0 - p), 0.0)
-
-
-def dare(base: Mapping, models: Sequence[Mapping], drop_rate: float, seed: int = 0, lam=1.0, *,
-         modules: Modules = None, head_from: HeadFrom = 0) -> dict:
-  """DARE + task arithmetic: drop each entry of every ``τ_t`` with probability p,
-  rescale the kept ones by ``1/(1−p)``, then ``θ_0 + Σ_t λ_t τ̃_t``.
-
-  The drop mask of model t at the i-th selected leaf (sorted paths) comes from
-  ``fold_in(fold_in(key(seed), t), i)``: the same seed gives the same merge.
-  """
-  what = "dare"
-  if not (isinstance(drop_rate, (int, float)) and 0.0 <= drop_rate < 1.0):
-    raise ValueError(f"{what}: drop_rate must be in [0, 1), got {drop_rate!r}.")
-  tv = TaskVectors(base, models, modules, what)
-  lam = inputs.check_lam(lam, len(tv), what)
-  root = jax.random.key(int(seed))
-  delta = {}
-  for i, p in enumerate(tv.paths):
-    delta[p] = sum(float(l) * _drop_and_rescale(jax.random.fold_in(root, t), i, tv.leaf(t, p),
-                                                float(drop_rate))
-                   for t, l in enumerate(lam))
-  return tv.merged(delta, tv.models, head_from)

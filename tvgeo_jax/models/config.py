@@ -5,8 +5,6 @@ One frozen, hashable dataclass so it can be a static argument of ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Mapping, Optional, Tuple
 
 SUPPORTED_MODEL_TYPES = ("roberta", "bert")
@@ -82,11 +80,6 @@ class EncoderConfig:
       kwargs["num_labels"] = int(d["num_labels"])
     return cls(**kwargs)
 
-  @classmethod
-  def from_json_file(cls, path: str) -> "EncoderConfig":
-    with open(path) as f:
-      return cls.from_hf_dict(json.load(f))
-
   def to_hf_dict(self, architecture: Optional[str] = None) -> dict:
     d = {k: getattr(self, k) for k in _HF_KEYS}
     d["model_type"] = self.model_type
@@ -115,6 +108,3 @@ def tiny_config(model_type: str = "roberta", **overrides) -> EncoderConfig:
   base.update(overrides)
   return EncoderConfig(**base)
 
-
-def config_path(directory: str) -> str:
-  return os.path.join(directory, "config.json")

@@ -22,10 +22,11 @@ Parameter-tree transforms add leaves that this code picks up when present:
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
+from jax.extend.random import threefry_2x32
 import jax.numpy as jnp
 
 from tvgeo_jax.models.config import EncoderConfig
@@ -185,6 +186,30 @@ class LayerNorm(nn.Module):
     return layer_norm(x, scale, bias, self.eps, jnp.dtype(self.dtype))
 
 
+def position_stable_bits(key: jax.Array, shape: Tuple[int, ...],
+                         position_axes: Tuple[int, ...]) -> jax.Array:
+  """16-bit random words of ``shape`` that do not depend on the length of
+  ``position_axes``: the word at an index is Threefry-2x32 of the counter pair
+  (positions packed 16 bits each, flat index over the other axes) under ``key``, so
+  padding a batch to more tokens leaves every real token's word unchanged. As fast as
+  ``jax.random.bits`` (one hash per word; BUILD_NOTES). Only for the default
+  Threefry keys: other generators (``rbg``, a benchmark option) draw plain bits, whose
+  masks depend on the padded length."""
+  if not position_axes or str(jax.random.key_impl(key)) != "threefry2x32":
+    return jax.random.bits(key, shape, jnp.uint16)
+  index = jnp.indices(shape, sparse=True)
+  hi = jnp.zeros((), jnp.uint32)
+  for a in position_axes:
+    hi = (hi << 16) | index[a].astype(jnp.uint32)
+  lo = jnp.zeros((), jnp.uint32)
+  for i, d in enumerate(shape):
+    if i not in position_axes:
+      lo = lo * jnp.uint32(d) + index[i].astype(jnp.uint32)
+  hi, lo = jnp.broadcast_to(hi, shape).reshape(-1), jnp.broadcast_to(lo, shape).reshape(-1)
+  words = threefry_2x32(jax.random.key_data(key), jnp.concatenate([hi, lo]))[:hi.size]
+  return (words & 0xFFFF).astype(jnp.uint16).reshape(shape)
+
+
 class Dropout(nn.Module):
   """Inverted dropout whose mask comes from 16-bit random words.
 
@@ -195,6 +220,10 @@ class Dropout(nn.Module):
   1.87 ms instead of 1.97 ms (BUILD_NOTES).
   """
   rate: float
+  # Axes indexed by token position: each position's words come from the module's key
+  # folded with the position, so a token's mask does not depend on how far the batch is
+  # padded (a concurrent group pads its members to a common length; tested).
+  position_axes: Tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -203,7 +232,7 @@ class Dropout(nn.Module):
     if not 0.0 <= self.rate < 1.0:
       raise ValueError(f"Dropout rate must be in [0, 1), got {self.rate}.")
     threshold = int(round(self.rate * 65536))
-    bits = jax.random.bits(self.make_rng("dropout"), x.shape, jnp.uint16)
+    bits = position_stable_bits(self.make_rng("dropout"), x.shape, self.position_axes)
     keep = bits >= jnp.uint16(threshold)
     scale = jnp.asarray(65536.0 / (65536 - threshold), x.dtype)
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
@@ -230,7 +259,7 @@ class Embeddings(nn.Module):
       position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     h = word(input_ids) + pos(position_ids) + typ(token_type_ids)
     h = LayerNorm(c.layer_norm_eps, self.dtype, name="layer_norm")(h)
-    return Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+    return Dropout(c.hidden_dropout_prob, (1,))(h, deterministic=deterministic)
 
 
 class Layer(nn.Module):
@@ -262,11 +291,11 @@ class Layer(nn.Module):
       logits = jnp.einsum("btnd,bsnd->bnts", q, k) / jnp.sqrt(d).astype(q.dtype)
       logits = jnp.where(bool_mask, logits, jnp.finfo(logits.dtype).min)
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-      probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=False)
+      probs = Dropout(c.attention_probs_dropout_prob, (2, 3))(probs, deterministic=False)
       ctx = jnp.einsum("bnts,bsnd->btnd", probs, v)
     ctx = ctx.reshape(b, t, n * d)
     a = Dense(c.hidden_size, self.dtype, name="attention_output")(ctx)
-    a = Dropout(c.hidden_dropout_prob)(a, deterministic=deterministic)
+    a = Dropout(c.hidden_dropout_prob, (1,))(a, deterministic=deterministic)
     params = self.variables.get("params", {})
     if "attention_adapter" in params:
       a = bottleneck_adapter(params["attention_adapter"], a, "swish", self.dtype)
@@ -274,7 +303,7 @@ class Layer(nn.Module):
     f = Dense(c.intermediate_size, self.dtype, name="intermediate")(h)
     f = activation(c.hidden_act)(f)
     f = Dense(c.hidden_size, self.dtype, name="output")(f)
-    f = Dropout(c.hidden_dropout_prob)(f, deterministic=deterministic)
+    f = Dropout(c.hidden_dropout_prob, (1,))(f, deterministic=deterministic)
     if "output_adapter" in params:
       f = bottleneck_adapter(params["output_adapter"], f, "swish", self.dtype)
     return LayerNorm(c.layer_norm_eps, self.dtype, name="output_layer_norm")(f + h)

@@ -13,6 +13,7 @@ import os
 import shutil
 from typing import Any, Mapping, Optional, Tuple
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 # precaution; the hang seen with two runs in one process came from the params save, see
 # save_tree). Every process opens the same runs in the same order, so the numbers agree.
 _RUN_COUNT = itertools.count()
+CHECKPOINTS = "checkpoints"  # RUN/checkpoints/{latest,best}
 
 
 def _manager(directory: str, max_to_keep: int, name: str) -> ocp.CheckpointManager:
@@ -42,7 +44,7 @@ class RunCheckpoints:
   """The two orbax managers of a run directory."""
 
   def __init__(self, run_dir: str):
-    root = os.path.join(run_dir, "checkpoints")
+    root = self.root = os.path.join(os.path.abspath(run_dir), CHECKPOINTS)
     n = next(_RUN_COUNT)
     self.latest = _manager(os.path.join(root, "latest"), max_to_keep=2, name=f"run{n}-latest")
     self.best = _manager(os.path.join(root, "best"), max_to_keep=1, name=f"run{n}-best")
@@ -53,14 +55,55 @@ class RunCheckpoints:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
 
   def restore_latest(self, target_state: Any) -> Optional[Tuple[Any, dict]]:
-    """(state, meta) of the newest complete checkpoint, or None if there is none."""
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    got = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(target_state)),
-        meta=ocp.args.JsonRestore()))
-    return got["state"], dict(got["meta"])
+    """(state, meta) of the newest readable checkpoint, or None if there is none.
+
+    A checkpoint that cannot be read (truncated data, missing metadata) is moved to
+    ``RUN/checkpoints/unreadable/`` with a warning and the next older one is tried; if
+    checkpoints exist but none is readable, a ValueError says what to do.
+    """
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    skipped = []
+    for step in steps:
+      try:
+        got = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(target_state)),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # orbax/TensorStore raise many types for a damaged checkpoint
+        skipped.append(step)
+        aside = self._set_aside(step)
+        logging.warning("Checkpoint step %d of %s is unreadable (%s: %s); moved to %s, "
+                        "trying the previous one.", step, self.root, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "", aside)
+        continue
+      if skipped:
+        logging.warning("Resuming from step %d; skipped unreadable checkpoint(s) %s.", step,
+                        skipped)
+      self._drop_best_after(step)
+      return got["state"], dict(got["meta"])
+    if skipped:
+      raise ValueError(
+          f"No readable checkpoint in {self.root}/latest (unreadable steps {skipped} were "
+          f"moved to {self.root}/unreadable). Rerun with --overwrite to start the run afresh.")
+    return None
+
+  def _drop_best_after(self, step: int) -> None:
+    """Best params saved after ``step`` (a kill between the two saves of an epoch end, or a
+    skipped unreadable checkpoint) are recomputed, bit for bit, by the resumed run."""
+    for later in [s for s in self.best.all_steps() if s > step]:
+      logging.info("Dropping best params of step %d: the run resumes from step %d.", later, step)
+      self.best.delete(later)
+
+  def _set_aside(self, step: int) -> str:
+    """Move a damaged step directory out of the manager's sight (kept for inspection)."""
+    src = os.path.join(self.root, "latest", str(step))
+    dst = os.path.join(self.root, "unreadable", f"latest-{step}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    if os.path.exists(src):
+      os.replace(src, dst)
+    self.latest.reload()
+    return dst
 
   # --- best params -----------------------------------------------------------
   def save_best(self, step: int, trainable: Mapping, meta: Mapping) -> None:

@@ -16,6 +16,9 @@ DTYPES = ("float32", "bfloat16")
 # Fields that may differ between an interrupted run and its resumption.
 RESUME_IGNORED = ("checkpoint_every", "log_every", "eval_batch_size", "progress",
                   "stop_after_steps")
+# Fields a resumed run may change on purpose (``--resume_with``, e.g. after a non-finite
+# loss): they change how the optimizer steps from the restored state on, not its layout.
+RESUME_CHANGEABLE = ("learning_rate", "max_grad_norm", "weight_decay", "adam_eps", "dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,8 @@ class TrainConfig:
   max_seq_len: int = 128
   data_scale: float = 1.0
   data_dir: Optional[str] = None
+  # Hub dataset revision (branch, tag or commit) of a real task; None: the default branch.
+  data_revision: Optional[str] = None
   # Book-keeping (RESUME_IGNORED).
   eval_batch_size: int = 64
   checkpoint_every: int = 200
@@ -119,4 +124,34 @@ def config_differences(saved: Mapping[str, Any], current: "TrainConfig") -> Dict
       a, b = list(a), list(b)
     if a != b:
       out[k] = (a, b)
+  return out
+
+
+def check_resume_changes(changes: Mapping[str, Any]) -> None:
+  """Raise ValueError unless every field of ``changes`` may change on resumption."""
+  bad = sorted(set(changes) - set(RESUME_CHANGEABLE))
+  if bad:
+    raise ValueError(f"--resume_with cannot change {', '.join(bad)} (only "
+                     f"{', '.join(RESUME_CHANGEABLE)}); start afresh with --overwrite instead.")
+
+
+def parse_resume_with(items) -> Dict[str, Any]:
+  """``["learning_rate=1e-4", "dtype=float32"]`` → typed values of TrainConfig's fields."""
+  types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+  out: Dict[str, Any] = {}
+  for item in items or ():
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if not sep or not value.strip():
+      raise ValueError(f"--resume_with takes field=value pairs, got {item!r} "
+                       "(e.g. --resume_with=learning_rate=1e-4).")
+    if name not in types:
+      raise ValueError(f"--resume_with: unknown field {name!r}; fields: "
+                       f"{', '.join(RESUME_CHANGEABLE)}.")
+    kind = types[name]
+    try:
+      out[name] = float(value) if kind in ("float", float) else value.strip()
+    except ValueError:
+      raise ValueError(f"--resume_with: {name} takes a number, got {value!r}.") from None
+  check_resume_changes(out)
   return out

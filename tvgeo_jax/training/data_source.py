@@ -25,7 +25,7 @@ def task_data(config: TrainConfig) -> TrainingData:
   from tvgeo_jax import data
   spec = task_spec(config.task)
   raw = data.load_task_data(spec.name, data_dir=config.data_dir, seed=config.seed,
-                            scale=config.data_scale)
+                            scale=config.data_scale, revision=config.data_revision)
   return from_splits({s: raw[s] for s in data.SPLITS}, config,
                      num_labels=spec.num_labels, is_regression=spec.is_regression,
                      label_names=spec.label_names, metrics=spec.metrics,

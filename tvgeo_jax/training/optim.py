@@ -1,7 +1,7 @@
 """AdamW with a linear warm-up/decay schedule, decay masked off biases and LayerNorm scales."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import optax
 
@@ -31,9 +31,15 @@ def linear_schedule(learning_rate: float, total_steps: int,
 def make_optimizer(trainable: Mapping, *, learning_rate: float, total_steps: int,
                    warmup_ratio: float = 0.0, weight_decay: float = 0.0,
                    max_grad_norm: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-  """AdamW (decoupled decay, masked) after optional global-norm clipping."""
-  schedule = linear_schedule(learning_rate, total_steps, warmup_ratio)
+                   eps: float = 1e-8,
+                   schedule: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
+  """AdamW (decoupled decay, masked) after optional global-norm clipping.
+
+  ``schedule`` replaces the linear warm-up/decay built from ``learning_rate``,
+  ``total_steps`` and ``warmup_ratio`` (a concurrent group picks each member's own).
+  """
+  if schedule is None:
+    schedule = linear_schedule(learning_rate, total_steps, warmup_ratio)
   adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                       mask=decay_mask(trainable))
   if max_grad_norm and max_grad_norm > 0:

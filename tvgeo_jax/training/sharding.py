@@ -57,15 +57,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """Rows of a global batch that this process feeds (global / process count)."""
-  n = jax.process_count()
-  if global_batch_size % n:
-    raise ValueError(f"batch size {global_batch_size} is not divisible by the "
-                     f"{n} processes; choose a multiple of {n}.")
-  return global_batch_size // n
-
-
 def pad_rows(batch: Mapping[str, np.ndarray], multiple: int) -> dict:
   """Append weight-0 rows so the row count divides ``multiple`` (devices per process).
 
