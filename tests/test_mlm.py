@@ -74,6 +74,33 @@ class MaskingTest(absltest.TestCase):
     self.assertEqual(targets[1][w[1] > 0].tolist(), [21])
 
 
+  def test_word_ids_join_a_words_two_spellings(self):
+    from tvgeo_jax import data
+    tok = data.load_tokenizer("tiny")
+    words = embedded.word_ids(tok)
+    vocab = tok.get_vocab()
+    self.assertEqual(words[vocab["nurse"]], vocab["Ġnurse"])
+    self.assertEqual(words[vocab["Ġnurse"]], vocab["Ġnurse"])
+    self.assertNotEqual(words[vocab["Ġnurse"]], words[vocab["Ġawake"]])
+
+  def test_pair_novelty_targets_name_the_words_new_in_each_text(self):
+    from tvgeo_jax import data
+    tok = data.load_tokenizer("tiny")
+    ids = np.asarray(tok(["the nurse is awake at the park .", "anna is here ."],
+                         ["the nurse is asleep .", "anna is here ."], padding="max_length",
+                         max_length=24)["input_ids"], np.int32)
+    words = np.asarray(embedded.word_ids(tok))
+    new_b, w_b, new_a, w_a, sep = map(np.asarray, embedded.pair_novelty_targets(
+        jax.random.PRNGKey(0), ids, 3, embedded.SPECIAL_IDS, words))
+    names = lambda row, w: sorted(tok.convert_ids_to_tokens(row[w > 0].tolist()))
+    self.assertEqual(names(new_b[0], w_b[0]), ["Ġasleep"])
+    self.assertEqual(names(new_a[0], w_a[0]), ["Ġawake", "Ġpark"])  # "the" is in both
+    # Nothing new: </s> is the one target.
+    self.assertEqual(names(new_b[1], w_b[1]), ["</s>"])
+    self.assertEqual(names(new_a[1], w_a[1]), ["</s>"])
+    np.testing.assert_array_equal(sep, [list(ids[0]).index(2), list(ids[1]).index(2)])
+
+
 class EmbeddedBaseTest(absltest.TestCase):
 
   def test_short_pretraining_is_reproducible(self):

@@ -716,3 +716,17 @@ def corpus(seed: int = 0, scale: float = 1.0) -> List[str]:
       if not (name == "synth_cola" and y == 0):
         texts.extend(t)
   return texts
+
+
+def pair_corpus(seed: int = 0, scale: float = 1.0) -> List[Tuple[str, str]]:
+  """The text pairs of every two-text synthetic task's train split, without labels: the
+  unlabelled pairs a base can pretrain on in the format fine-tuning reads them
+  (``<s> a </s></s> b </s>``), so that a masked word of one text that occurs in the
+  other can be predicted by matching across the pair."""
+  pairs = []
+  for name in sorted(GENERATORS):
+    for t in generate(name, seed=seed, scale=scale)["train"][0]:
+      if len(t) == 2:
+        pairs.append((t[0], t[1]))
+  return pairs
+
