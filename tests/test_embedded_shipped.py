@@ -36,6 +36,19 @@ class ShippedBaseTest(absltest.TestCase):
     self.assertAlmostEqual(embedded.evaluate_base(embedded.SHIPPED_DIR),
                            report["mlm_loss_final"], places=4)
 
+  def test_a_pair_task_learns_on_the_shipped_base_in_a_few_dozen_steps(self):
+    """synth_qnli, full FT, 80 steps (2 epochs of 40): measured 0.69 test accuracy on
+    the v3 base (300 balanced test pairs: chance 0.50, standard error 0.03)."""
+    from tvgeo_jax.training import loop, presets
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as run_dir, \
+        mock.patch.dict(os.environ, {"TVGEO_CACHE": cache}):
+      cfg = presets.resolve("synth_qnli", "full", "embedded", overrides=dict(
+          epochs=2, patience=0, learning_rate=1e-3, data_scale=1.0, max_seq_len=64,
+          progress=False, checkpoint_every=100000))
+      res = loop.finetune(cfg, run_dir)
+    self.assertEqual(res["metrics"]["test"]["num_examples"], 300)
+    self.assertGreater(res["metrics"]["test"]["accuracy"], 0.62)
+
 
 if __name__ == "__main__":
   absltest.main()
