@@ -6,6 +6,8 @@ setup(
     description="Task-vector geometry, merging and representation analysis of fine-tuned "
                 "BERT-family encoders in JAX/Flax.",
     packages=find_packages(include=["tvgeo_jax", "tvgeo_jax.*", "experiments", "benchmarks"]),
+    # The embedded base shipped with the package (tvgeo_jax.embedded.SHIPPED_DIR).
+    package_data={"tvgeo_jax": ["assets/embedded_base/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.8",

@@ -27,6 +27,14 @@ flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Blocks per step.")
 flags.DEFINE_integer("seq_len", _DEFAULTS.seq_len, "Tokens per (short) block.")
 flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak learning rate.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed (init, data order, masks).")
+flags.DEFINE_integer("cls_targets", _DEFAULTS.cls_targets,
+                     "Tokens of its block the first position predicts (0: MLM only).")
+flags.DEFINE_bool("pair_novelty", _DEFAULTS.pair_novelty,
+                  "On pair rows, the first position predicts the words new in the second text.")
+flags.DEFINE_bool("pair_match", _DEFAULTS.pair_match,
+                  "On pair rows, every token predicts whether its word occurs in the other text.")
+flags.DEFINE_integer("pair_every", _DEFAULTS.pair_every,
+                     "Every n-th step is a batch of unlabelled text pairs (0: never).")
 
 
 def main(argv):
@@ -37,7 +45,10 @@ def main(argv):
   else:
     cfg = dataclasses.replace(_DEFAULTS, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
                               seq_len=FLAGS.seq_len, learning_rate=FLAGS.learning_rate,
-                              seed=FLAGS.seed)
+                              seed=FLAGS.seed, cls_targets=FLAGS.cls_targets,
+                              pair_every=FLAGS.pair_every,
+                              pair_novelty=FLAGS.pair_novelty,
+                              pair_match=FLAGS.pair_match)
     config, params, report = embedded.pretrain(cfg)
     embedded.save(out, config, params, report)
   with open(f"{out}/pretrain.json") as f:

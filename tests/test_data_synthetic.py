@@ -179,6 +179,20 @@ class SyntheticTest(parameterized.TestCase):
     self.assertLess(mean_len["synth_sst2"], mean_len["synth_yelp"])
     self.assertLess(mean_len["synth_yelp"], mean_len["synth_imdb"])
 
+  def test_pair_corpus_holds_every_pair_task_train_pair_without_labels(self):
+    pairs = synthetic.pair_corpus(seed=1000, scale=0.05)
+    pair_tasks = [n for n in sorted(synthetic.GENERATORS)
+                  if len(synthetic.generate(n, seed=1000, scale=0.05)["train"][0][0]) == 2]
+    self.assertIn("synth_snli", pair_tasks)
+    self.assertNotIn("synth_sst2", pair_tasks)
+    expected = sum(len(synthetic.generate(n, seed=1000, scale=0.05)["train"][0])
+                   for n in pair_tasks)
+    self.assertLen(pairs, expected)
+    self.assertTrue(all(isinstance(a, str) and isinstance(b, str) for a, b in pairs))
+    # Other sentences than the fine-tuning tasks' (seed 0).
+    snli = set(synthetic.generate("synth_snli", seed=0, scale=0.05)["train"][0])
+    self.assertLess(len(snli & set(pairs)), len(snli) // 10 + 1)
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -58,8 +58,63 @@ class MaskingTest(absltest.TestCase):
     blocks = embedded.pack_corpus([[0, 5, 2], [0, 6, 7, 2], [0, 9, 2]], 4)
     np.testing.assert_array_equal(blocks, [[0, 5, 2, 0], [6, 7, 2, 0]])
 
+  def test_pack_aligned_starts_every_block_at_a_text(self):
+    rows = [[0, 5, 2], [0, 6, 7, 2], [0, 9, 2], [0, 8, 8, 8, 2]]
+    blocks = embedded.pack_aligned(rows, 4)
+    np.testing.assert_array_equal(blocks, [[0, 5, 2, 0], [0, 9, 2, 0]])
+
+  def test_cls_bag_targets_draw_distinct_content_tokens(self):
+    ids = np.array([[0, 11, 12, 13, 2, 0, 14, 2], [0, 21, 2, 1, 1, 1, 1, 1]], np.int32)
+    targets, w = map(np.asarray, embedded.cls_bag_targets(jax.random.PRNGKey(3), ids, 3,
+                                                          embedded.SPECIAL_IDS))
+    self.assertEqual(targets.shape, (2, 3))
+    self.assertLen(set(targets[0]), 3)
+    self.assertTrue(set(targets[0]) <= {11, 12, 13, 14})
+    np.testing.assert_array_equal(w, [[1, 1, 1], [1, 0, 0]])
+    self.assertEqual(targets[1][w[1] > 0].tolist(), [21])
+
+
+  def test_word_ids_join_a_words_two_spellings(self):
+    from tvgeo_jax import data
+    tok = data.load_tokenizer("tiny")
+    words = embedded.word_ids(tok)
+    vocab = tok.get_vocab()
+    self.assertEqual(words[vocab["anna"]], vocab["Ġanna"])
+    self.assertEqual(words[vocab["Ġanna"]], vocab["Ġanna"])
+    self.assertNotEqual(words[vocab["anna"]], words[vocab["kim"]])
+
+  def test_pair_novelty_targets_name_the_words_new_in_each_text(self):
+    from tvgeo_jax import data
+    tok = data.load_tokenizer("tiny")
+    ids = np.asarray(tok(["the nurse is awake at the park .", "anna is here ."],
+                         ["the nurse is asleep .", "anna is here ."], padding="max_length",
+                         max_length=24)["input_ids"], np.int32)
+    words = np.asarray(embedded.word_ids(tok))
+    new_b, w_b, new_a, w_a, sep = map(np.asarray, embedded.pair_novelty_targets(
+        jax.random.PRNGKey(0), ids, 3, embedded.SPECIAL_IDS, words))
+    names = lambda row, w: sorted(tok.convert_ids_to_tokens(row[w > 0].tolist()))
+    self.assertEqual(names(new_b[0], w_b[0]), ["Ġasleep"])
+    # "the" opens b and occurs inside a: one word in two spellings, so not new.
+    self.assertEqual(names(new_a[0], w_a[0]), ["Ġat", "Ġawake", "Ġpark"])
+    # Nothing new: </s> is the one target.
+    self.assertEqual(names(new_b[1], w_b[1]), ["</s>"])
+    self.assertEqual(names(new_a[1], w_a[1]), ["</s>"])
+    np.testing.assert_array_equal(sep, [list(ids[0]).index(2), list(ids[1]).index(2)])
+
 
 class EmbeddedBaseTest(absltest.TestCase):
+
+  def test_short_pretraining_is_reproducible(self):
+    cfg = embedded.PretrainConfig(steps=4, batch_size=8, seq_len=16, long_every=0,
+                                  corpus_scale=0.05, eval_blocks=16, cls_targets=4)
+    config = embedded.embedded_config().replace(num_hidden_layers=1)
+    runs = [embedded.pretrain(cfg, config=config, progress=False) for _ in range(2)]
+    for a, b in zip(jax.tree.leaves(runs[0][1]), jax.tree.leaves(runs[1][1])):
+      np.testing.assert_array_equal(a, b)
+    self.assertEqual(runs[0][2]["mlm_loss_final"], runs[1][2]["mlm_loss_final"])
+    with tempfile.TemporaryDirectory() as d:  # the saved base re-evaluates to its record
+      embedded.save(d, *runs[0])
+      self.assertAlmostEqual(embedded.evaluate_base(d), runs[0][2]["mlm_loss_final"], places=4)
 
   def test_short_pretraining_learns_and_saves_a_transformers_checkpoint(self):
     cfg = embedded.PretrainConfig(steps=40, batch_size=16, seq_len=32, long_seq_len=64,
