@@ -35,8 +35,9 @@ from tvgeo_jax.models import load_pretrained
 CORPUS_SEED = 1000
 # The base pretrained once with ``python -m experiments.pretrain_mlm`` (see BUILD_NOTES),
 # shipped so the offline study spends no budget on pretraining.
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
-                           "embedded_base")
+# The shipped base is package data at the package root (tvgeo_jax/assets/embedded_base).
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "assets", "embedded_base")
 VERSION = "v3"
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # <s> <pad> </s> <unk> <mask>
 PAD_ID = 1
