@@ -28,6 +28,8 @@ from tvgeo_jax.core import io_utils, paths
 from tvgeo_jax.pretraining import mlm
 from tvgeo_jax.models import EncoderConfig, apply, init_params, save_pretrained
 from tvgeo_jax.data import load_tokenizer, synthetic
+from tvgeo_jax.core import sharding
+from tvgeo_jax.training import step as step_lib
 from tvgeo_jax.training.optim import make_optimizer
 from tvgeo_jax.data.tokenizer import synthetic_tokenizer_dir
 from tvgeo_jax.models import load_pretrained
@@ -328,22 +330,29 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
   opt = make_optimizer(params, learning_rate=cfg.learning_rate, total_steps=cfg.steps,
                        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                        max_grad_norm=1.0)
-  opt_state = opt.init(params)
+  # The training package's optimizer step (step.make_step: donated state, the step's rng
+  # fold_in(key(seed), step)); one compiled step per objective (pairs add the novelty loss).
+  mesh = sharding.data_mesh()
 
-  @functools.partial(jax.jit, static_argnames="novelty")
-  def train_step(p, s, ids, rng, novelty=False):
-    def loss_fn(q):
-      return _loss_fn(q["encoder"], ids, rng, config=train_config, mask_prob=cfg.mask_prob,
-                      cls_targets=cfg.cls_targets, pair_novelty=novelty and cfg.pair_novelty,
-                      match=q["match"] if novelty and cfg.pair_match else None, words=words)
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, s = opt.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
+  def objective(novelty: bool):
+    def loss_of(trainable, frozen, ids, rng):
+      del frozen  # every leaf trains
+      return _loss_fn(trainable["encoder"], ids, rng, config=train_config,
+                      mask_prob=cfg.mask_prob, cls_targets=cfg.cls_targets,
+                      pair_novelty=novelty and cfg.pair_novelty,
+                      match=trainable["match"] if novelty and cfg.pair_match else None,
+                      words=words)
+    return step_lib.make_step(loss_of, optimizer=opt, mesh=mesh, seed=cfg.seed,
+                              batch_sharded=False)
+
+  train_steps = {False: objective(False)}
+  if pairs:
+    train_steps[True] = objective(True)
+  state = step_lib.init_state(params, opt)
 
   baseline = mlm.unigram_baseline(train_rows, SPECIAL_IDS)
   initial = held_out_loss(params["encoder"], config, cfg, held_out)
   initial_pairs = held_out_loss(params["encoder"], config, cfg, held_pairs) if pairs else None
-  key = jax.random.PRNGKey(cfg.seed)
   t0 = time.time()
   bar = _progress(cfg.steps, progress)
   losses = []
@@ -351,14 +360,14 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
     use_long = cfg.long_every > 0 and step % cfg.long_every == cfg.long_every - 1
     use_pairs = bool(pairs) and not use_long and step % cfg.pair_every == 0
     ids = (pairs if use_pairs else long if use_long else short).next()
-    params, opt_state, loss = train_step(params, opt_state, ids, jax.random.fold_in(key, step),
-                                         novelty=use_pairs)
+    state, metrics = train_steps[use_pairs](state, {}, ids)
+    loss = metrics["loss"]
     if step % 50 == 0 or step == cfg.steps - 1:
       losses.append((step, float(loss)))
       bar.set_postfix(loss=f"{float(loss):.3f}")
     bar.update(1)
   bar.close()
-  params = params["encoder"]
+  params = state["trainable"]["encoder"]
   final = held_out_loss(params, config, cfg, held_out)
   pair_losses = {}
   if pairs:
