@@ -7,7 +7,9 @@ model.safetensors with the MLM head, the synthetic tokenizer's files), so every 
 step treats it exactly like ``roberta-base``.
 
 The pretraining corpus is the synthetic grammar sampled with a different seed than the
-fine-tuning tasks (seed ``CORPUS_SEED``), i.e. the same language, other sentences.
+fine-tuning tasks (seed ``CORPUS_SEED``), i.e. the same language, other sentences; the
+pair tasks' text pairs of that seed are also read as pairs, without their labels
+(``PretrainConfig.pair_every``), with cross-text targets computed from each pair.
 """
 from __future__ import annotations
 
