@@ -178,7 +178,7 @@ def params_from_state_dict(state: Dict[str, np.ndarray], config: EncoderConfig,
       trees.set_path(params, ours, value)
     if group == "head" and head_missing:
       logging.debug("%s: head weights not in checkpoint, initialised randomly (seed %d): %s",
-                   source, seed, ", ".join(head_missing))
+                    source, seed, ", ".join(head_missing))
   if missing or bad_shape:
     lines = []
     if missing:
