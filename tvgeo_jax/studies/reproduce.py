@@ -26,11 +26,13 @@ three-task cut-down used by the tests).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 
+from absl import logging as absl_logging
 import numpy as np
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -231,7 +233,8 @@ class Pipeline:
         bar.write(f"[{i + 1}/{len(steps)}] {step.name}: done already, skipped")
         continue
       t = time.time()
-      headline = step.run()
+      with _own_lines_only():
+        headline = step.run()
       seconds = time.time() - t
       bar.write(f"[{i + 1}/{len(steps)}] {step.name}: "
                 f"{headline if isinstance(headline, str) else 'done'} ({seconds:.1f} s)")
@@ -351,6 +354,20 @@ class Pipeline:
 
   def _report(self):
     report.write_report(self)
+
+
+@contextlib.contextmanager
+def _own_lines_only():
+  """A step's INFO records (a run's per-epoch validation lines, resumptions) are shown
+  only at ``--verbosity=1``: by default the study prints one line per step. Warnings
+  and errors always show."""
+  level = absl_logging.get_verbosity()
+  if level == absl_logging.INFO:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
 
 
 def finetune_headline(results: Sequence[Mapping[str, Any]]) -> str:

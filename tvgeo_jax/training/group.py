@@ -48,7 +48,6 @@ from tvgeo_jax.adapters import partition
 from tvgeo_jax.training import runs
 from tvgeo_jax.models import apply as model_apply
 from tvgeo_jax.training import checkpoint as ckpt_lib
-from tvgeo_jax.training import hooks as hooks_lib
 from tvgeo_jax.training import loop, metric_writers, methods, optim, run_dir as run_dir_lib
 from tvgeo_jax.core import sharding
 from tvgeo_jax.evaluation import losses, scoring
@@ -456,9 +455,7 @@ class _GroupTrainer:
     self.ckpts.wait()
     self.ckpts.close()
     shutil.rmtree(os.path.join(self.group_dir, "checkpoints"), ignore_errors=True)
-    hooks_lib.log_progress(
-        self.members[0].config.progress,
-        "Group of %d tasks: %d group steps in %.1f s (compiles included); %s.",
+    logging.info("Group of %d tasks: %d group steps in %.1f s (compiles included); %s.",
         len(self.members), self.group_steps, time.time() - self.t_start,
         ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
     return [m.results for m in self.members]
@@ -585,7 +582,7 @@ class _GroupTrainer:
                 "best_epoch": m.stopper.best_epoch, "seconds": time.time() - self._t0}
       m.history.append(record)
       m.writer.write(record)
-      hooks_lib.log_progress(m.config.progress, "%s epoch %d: validation loss %.4f (best epoch %d)",
+      logging.info("%s epoch %d: validation loss %.4f (best epoch %d)",
                              m.config.task, self.epoch + 1, val["loss"], m.stopper.best_epoch + 1)
       if m.stopper.improved_last:
         best = slice_to(_row(self.state["trainable"], t), m.trainable)
@@ -643,7 +640,7 @@ class _GroupTrainer:
     m.best.close()
     m.writer.close()
     m.finished = True
-    hooks_lib.log_progress(m.config.progress, "%s finished: best epoch %d of %d.", m.config.task,
+    logging.info("%s finished: best epoch %d of %d.", m.config.task,
                            int(best_meta["epoch"]) + 1, len(m.history))
 
   def close(self) -> None:

@@ -10,17 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, Optional
 
-from absl import logging
-
-
-def log_progress(show: bool, fmt: str, *args) -> None:
-  """A run's per-epoch line: INFO when the run shows its progress (``config.progress``,
-  the CLI's default), else only at ``--verbosity=1`` (a caller with its own display, such
-  as the study, sets ``progress=False``)."""
-  if show:
-    logging.info(fmt, *args)
-  else:
-    logging.vlog(1, fmt, *args)
 
 
 class Hook:

@@ -383,8 +383,7 @@ class _Trainer:
     self.writer.write(record)
     for h in self.hooks:
       h.epoch_end(record)
-    hooks_lib.log_progress(
-        s.config.progress, "epoch %d: validation loss %.4f %s (best epoch %d)", self.epoch + 1,
+    logging.info("epoch %d: validation loss %.4f %s (best epoch %d)", self.epoch + 1,
         val["loss"], {k: round(v, 4) for k, v in record["validation"].items()
                       if isinstance(v, float)}, self.stopper.best_epoch + 1)
     if self.stopper.improved_last:
