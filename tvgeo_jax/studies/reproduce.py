@@ -360,14 +360,16 @@ class Pipeline:
 def _own_lines_only():
   """A step's INFO records (a run's per-epoch validation lines, resumptions) are shown
   only at ``--verbosity=1``: by default the study prints one line per step. Warnings
-  and errors always show."""
-  level = absl_logging.get_verbosity()
-  if level == absl_logging.INFO:
-    absl_logging.set_verbosity(absl_logging.WARNING)
+  and errors always show. The absl logger's own level is restored exactly (NOTSET stays
+  NOTSET, so a caller's handlers, e.g. a test's, see INFO records again afterwards)."""
+  logger = absl_logging.get_absl_logger()
+  old = logger.level
+  if absl_logging.get_verbosity() == absl_logging.INFO:
+    logger.setLevel(logging.WARNING)
   try:
     yield
   finally:
-    absl_logging.set_verbosity(level)
+    logger.setLevel(old)
 
 
 def finetune_headline(results: Sequence[Mapping[str, Any]]) -> str:
