@@ -66,11 +66,6 @@ def _check_split(split: str) -> None:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
 
 
-def class_weights(train_config, data: TaskData) -> Optional[np.ndarray]:
-  """The balanced class weights the run trained with (they enter the reported loss)."""
-  return scoring.class_weights(train_config.class_weights, data)
-
-
 def _check_head(model_config: EncoderConfig, data: TaskData, task: str) -> None:
   if model_config.num_labels != data.num_labels:
     raise ValueError(f"The model has {model_config.num_labels} labels but task {task!r} has "
@@ -96,7 +91,7 @@ def evaluate(params: Mapping, model_config: EncoderConfig, train_config,
   step = _eval_step(model_config, data.is_regression, train_config.dtype)
   params = sharding.replicate(params, _mesh())
   pred = scoring.predict(step, params, data.eval_batches(split), _mesh())
-  return scoring.split_metrics(pred, data, class_weights(train_config, data))
+  return scoring.split_metrics(pred, data, scoring.class_weights(train_config.class_weights, data))
 
 
 # --- stacked evaluation ---------------------------------------------------------------
@@ -178,7 +173,7 @@ def evaluate_stacked(params_list: Sequence[Mapping], model_config: EncoderConfig
     raise ValueError(f"evaluate_stacked: chunk_size must be >= 1 or None, got {chunk_size}.")
   data = cached_task_data(train_config)
   _check_head(model_config, data, train_config.task)
-  cw = class_weights(train_config, data)
+  cw = scoring.class_weights(train_config.class_weights, data)
   step = _stacked_step(model_config, data.is_regression, train_config.dtype)
   mesh = _mesh()
   size = len(params_list) if chunk_size is None else chunk_size

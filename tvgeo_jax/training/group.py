@@ -51,6 +51,7 @@ from tvgeo_jax.training import checkpoint as ckpt_lib
 from tvgeo_jax.training import loop, metric_writers, methods, optim, run_dir as run_dir_lib
 from tvgeo_jax.core import sharding
 from tvgeo_jax.evaluation import losses, scoring
+from tvgeo_jax.evaluation import task_data
 from tvgeo_jax.evaluation.task_data import TaskData
 from tvgeo_jax.training import step as step_lib
 from tvgeo_jax.training.config import TrainConfig
@@ -301,7 +302,8 @@ def finetune_group(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
     return results
   group_dir = os.path.abspath(group_dir or default_group_dir([run_dirs[i] for i in todo],
                                                              configs[0].method))
-  datas = [data[i] if data is not None else loop.load_data(configs[i]) for i in todo]
+  datas = [data[i] if data is not None else task_data.build(configs[i])
+           for i in todo]
   bases = [loop.load_base(configs[i], d) for i, d in zip(todo, datas)]
   trainer = _GroupTrainer([configs[i] for i in todo], [run_dirs[i] for i in todo], datas,
                           bases, group_dir, overwrite, mesh, max_concurrent)

@@ -116,11 +116,6 @@ def devices_info(mesh) -> Dict[str, Any]:
           "kind": getattr(d, "device_kind", d.platform), "processes": jax.process_count()}
 
 
-def load_data(config: TrainConfig) -> TaskData:
-  """``config.task`` tokenised and batched for ``config.model`` (a bad task name fails here)."""
-  return task_data_lib.build(config)
-
-
 # --- the run -----------------------------------------------------------------------
 
 def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TaskData] = None,
@@ -146,7 +141,7 @@ def finetune(config: TrainConfig, run_dir: str, *, data: Optional[TaskData] = No
     logging.info("%s is a finished run; skipping (pass --overwrite to redo it).", run_dir)
     return results
   # Everything that can fail on a bad task, model or data name fails before run_dir is touched.
-  data = data if data is not None else load_data(config)
+  data = data if data is not None else task_data_lib.build(config)
   model_config, base = load_base(config, data)
   guard = RunDirectoryGuard(run_dir, overwrite)
   ckpts = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional
 
+from tvgeo_jax.adapters import partition
 from tvgeo_jax.models import names
 from tvgeo_jax.training.config import TrainConfig
 
@@ -65,7 +66,6 @@ _PRESETS = (
                                         batch_size=16, **_QUIET)),
 )
 PRESETS: Dict[str, Preset] = {p.name: p for p in _PRESETS}
-METHODS = ("full", "lora", "bottleneck")
 
 
 def default_preset(model: str) -> str:
@@ -89,9 +89,9 @@ def preset_values(preset: str, method: str) -> Dict[str, Any]:
   then its ``methods[method]`` (so a child's value for every method overrides a parent's
   per-method one)."""
   chain = lineage(preset)
-  if method not in METHODS:
+  if method not in partition.METHODS:
     raise ValueError(f"Unknown fine-tuning method {method!r}; valid methods: "
-                     f"{', '.join(METHODS)}.")
+                     f"{', '.join(partition.METHODS)}.")
   values: Dict[str, Any] = {}
   for p in chain:
     values.update(p.values)
