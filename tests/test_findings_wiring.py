@@ -43,6 +43,16 @@ def _planted(rng, tasks, seeds, family_gap, seed_noise, layers=3):
 TASKS = ["sst2", "yelp", "imdb", "mnli", "snli", "qnli"]
 
 
+def _grouping_share(arrays, names):
+  """The independent reference: each task's nearest neighbour under the mean query
+  cosine distance, and ``share(families)`` of tasks whose neighbour shares its family."""
+  d = np.nanmean(arrays["query/product/cosine"], -1)
+  np.fill_diagonal(d, np.inf)
+  nn = d.argmin(1)
+  return (lambda f: np.mean([f[i] == f[nn[i]] for i in range(len(f))]),
+          evidence.paper_families(names))
+
+
 class DistanceFindingsTest(absltest.TestCase):
 
   def test_grouping_p_value_matches_brute_force_enumeration(self):
@@ -50,11 +60,7 @@ class DistanceFindingsTest(absltest.TestCase):
     arrays, names = _planted(rng, TASKS, 1, family_gap=10.0, seed_noise=0.0)
     s = distance_study.distance_findings(arrays, names, method="lora")
     row = next(r for r in s["grouping"] if r["metric"] == "cosine")
-    d = np.nanmean(arrays["query/product/cosine"], -1)
-    np.fill_diagonal(d, np.inf)
-    nn = d.argmin(1)
-    fams = evidence.paper_families(names)
-    share = lambda f: np.mean([f[i] == f[nn[i]] for i in range(len(f))])
+    share, fams = _grouping_share(arrays, names)
     self.assertEqual(share(fams), 1.0)
     null = [share(list(p)) for p in itertools.permutations(fams)]  # every relabelling
     self.assertEqual(row["share"], 1.0)
@@ -68,10 +74,7 @@ class DistanceFindingsTest(absltest.TestCase):
     arrays, names = _planted(rng, tasks, 1, family_gap=10.0, seed_noise=0.0)
     s = distance_study.distance_findings(arrays, names, method="lora")
     row = next(r for r in s["grouping"] if r["metric"] == "cosine")
-    d = np.nanmean(arrays["query/product/cosine"], -1)
-    np.fill_diagonal(d, np.inf)
-    nn = d.argmin(1)
-    fams = evidence.paper_families(names)
+    share, fams = _grouping_share(arrays, names)
     exact = np.mean([share(list(p)) >= row["share"] for p in itertools.permutations(fams)])
     self.assertEqual(row["share"], 1.0)
     self.assertEqual(row["test"]["n_permutations"], 9999)
