@@ -33,7 +33,9 @@ import os
 import time
 
 from absl import logging as absl_logging
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tvgeo_jax.core import io_utils
@@ -159,7 +161,6 @@ class Pipeline:
     """(method, [(task, seed index)]) per fine-tuning step: one concurrent group per
     method on one host (seeds are more members); one run per step under multi-host (each
     run is data-parallel over every host)."""
-    import jax
     jobs = self.finetune_jobs()
     if jax.process_count() > 1:
       return [(m, [(t, k)]) for t, m, k in jobs]
@@ -218,8 +219,6 @@ class Pipeline:
     """Run every step not done yet (``training_only``: the base and the fine-tuning
     runs, which is what a multi-host launch runs: every host calls this, each run is
     data-parallel over all of them, process 0 writes). Returns the pipeline state."""
-    import jax
-    from tqdm.auto import tqdm
     steps = [s for s in self.steps() if s.training or not training_only]
     writer = jax.process_index() == 0
     state_path = os.path.join(self.out, STATE_FILE)
@@ -249,7 +248,6 @@ class Pipeline:
   # --- steps ---------------------------------------------------------------------
   def _base(self):
     if names.is_embedded(self.preset.model):
-      import jax
       if jax.process_index() == 0:  # multi-host: one host builds, the others wait for it
         embedded.ensure_embedded_base()
       wait_for_all_processes("tvgeo_jax embedded base")
