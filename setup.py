@@ -24,6 +24,7 @@ setup(
         "scikit-learn>=1.5",
         "absl-py>=2.1",
         "matplotlib>=3.8",
+        "adjustText>=1.1",
         "umap-learn>=0.5.7",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

@@ -57,6 +57,9 @@ flags.DEFINE_list("multitask_methods", None, "Methods of the multi-task merges (
                   "method that applies).")
 flags.DEFINE_integer("top_k", None, "Dense Grassmann: top-k singular subspaces (full FT).")
 flags.DEFINE_integer("chunk_size", 16, "Merged models per stacked forward.")
+flags.DEFINE_integer("max_examples", None, "Score every model (single and merged) on the "
+                     "first this many examples of each test split (whole eval batches); "
+                     "default: the whole split.")
 flags.DEFINE_integer("seed", 0, "Seed of subset choices.")
 flags.DEFINE_string("out", "out/merge", "Output directory.")
 flags.DEFINE_bool("figures", True, "Draw the figures.")
@@ -77,7 +80,7 @@ def main(argv):
       modules=FLAGS.modules, kplus=[int(k) for k in FLAGS.kplus],
       topk_ks=[float(k) for k in FLAGS.topk], multitask_methods=FLAGS.multitask_methods,
       seed=FLAGS.seed, top_k=FLAGS.top_k, chunk_size=FLAGS.chunk_size,
-      figures=FLAGS.figures, **kw)
+      figures=FLAGS.figures, max_examples=FLAGS.max_examples, **kw)
   print(f"{len(srcs)} runs, {res['evaluations']} new evaluations -> {FLAGS.out}")
   for m, grid in res.get("pairs", {}).items():
     print(f"\n{m}:\n" + merge_study.table3_markdown(grid["spearman"],

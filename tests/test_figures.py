@@ -3,6 +3,7 @@ import json
 import os
 import tempfile
 
+import matplotlib.pyplot as plt
 import numpy as np
 from absl.testing import absltest
 from scipy.cluster import hierarchy
@@ -46,6 +47,27 @@ class FiguresTest(absltest.TestCase):
     with open(path, "rb") as f:
       self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
     self.assertEqual([n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp")], [])
+
+  def test_seeds_are_joined_and_labels_do_not_overlap(self):
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(6, 4))
+    points = np.concatenate([centres, centres + 0.01 * rng.normal(size=centres.shape)])
+    d = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    tasks = [f"task_{i}" for i in range(6)]
+    labels = tasks + [t + "#2" for t in tasks]
+    fig, (ax,) = figures.panels(1)
+    coords = figures.plot_pca(ax, d, labels)
+    self.assertEqual(figures.seed_groups(labels)["task_2"], [2, 8])
+    joined = [l for l in ax.get_lines() if len(l.get_xdata()) == 2]
+    self.assertLen(joined, 6)   # one line per task, from seed 1 to seed 2
+    np.testing.assert_allclose(joined[2].get_xydata(), coords[[2, 8]])
+    self.assertEqual(sorted(t.get_text() for t in ax.texts), tasks)  # each task labelled once
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    overlaps = [(i, j) for i in range(len(boxes)) for j in range(i)
+                if boxes[i].overlaps(boxes[j])]
+    self.assertEqual(overlaps, [])
+    plt.close(fig)
 
   def test_bad_inputs(self):
     fig, axes = figures.panels(1)

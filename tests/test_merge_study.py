@@ -19,6 +19,8 @@ import scipy.stats
 
 from tvgeo_jax.core import trees
 from tvgeo_jax import evaluation, merging
+from tvgeo_jax.core import sharding
+from tvgeo_jax.evaluation import scoring
 from tvgeo_jax.core import io_utils
 from tvgeo_jax.studies import merge_study, sources
 from tvgeo_jax.training import compile_cache, loop, presets
@@ -67,6 +69,31 @@ class MergeStudyTest(absltest.TestCase):
     direct = evaluation.evaluate(merging.lora_factor_average([s0.params, s1.params]),
                                  s0.config, merge_study.train_configs([s0])[0])
     self.assertAlmostEqual(merged[0, 1], -direct["loss"], places=5)
+
+  def test_a_capped_test_subset_scores_every_model_on_the_same_first_rows(self):
+    out = os.path.join(self.dir, "capped")
+    res = merge_study.run_study(self.srcs, out, "lora_avg", analyses=("pairs",),
+                                score="neg_loss", figures=False, max_examples=16)
+    grid = res["pairs"]["lora_factor_average"]
+    self.assertEqual(grid["max_examples"], 16)
+    saved = io_utils.read_json(os.path.join(out, "cache", "evaluations.json"))
+    self.assertEqual({e["num_examples"] for e in saved["entries"].values()}, {16})
+    # Reference: per-row losses over the whole split, then the mean of the first 16 rows.
+    s0, s1 = self.srcs[0], self.srcs[1]
+    config = merge_study.train_configs([s0])[0]
+    merged = merging.lora_factor_average([s0.params, s1.params])
+    data = evaluation.cached_task_data(config)
+    step = scoring.make_eval_step(model_config=s0.config, mesh=sharding.data_mesh(),
+                                  is_regression=False)
+    rows = scoring.predict(step, merged, data.eval_batches("test"), sharding.data_mesh())
+    self.assertGreater(len(rows["loss"]), 16)
+    self.assertAlmostEqual(grid["merged"][0][1], -float(rows["loss"][:16].mean()), places=5)
+    self.assertAlmostEqual(grid["single"][0], -evaluation.evaluate(
+        s0.params, s0.config, config, "test", max_examples=16)["loss"], places=6)
+    # The uncapped study's cache is not mixed with capped scores.
+    with self.assertRaisesRegex(ValueError, "another study"):
+      merge_study.run_study(self.srcs, self.out, "lora_avg", analyses=("pairs",),
+                            score="neg_loss", figures=False, max_examples=16)
 
   def test_table_entries_equal_scipy_spearman(self):
     grid = io_utils.read_json(os.path.join(self.out, "pairs_lora_factor_average.json"))

@@ -107,6 +107,9 @@ class OneVsRestCliTest(absltest.TestCase):
                                  skm.confusion_matrix(y, p, labels=[0, 1, 2, 3],
                                                       normalize="true"), atol=1e-12)
       self.assertGreater(r["training_time_s"], 0)
+      runs_of = r["runs"]
+      self.assertEqual(r["optimizer_steps"], sum(
+          json.load(open(os.path.join(d, "results.json")))["steps"] for d in runs_of))
 
     # Parameter shares: one full model trains everything; three binary LoRA models
     # train three times one binary model's parameters.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -169,6 +170,25 @@ _MESH_SCRIPT = textwrap.dedent("""
                                or p[-1] == "lora_b"} for t, _, _ in specs]}
     print(json.dumps(out))
 """)
+
+
+class LengthGroupsTest(absltest.TestCase):
+
+  def test_members_of_similar_length_share_a_group_longest_first(self):
+    self.assertEqual(group.length_groups([57, 282, 141, 282, 85], 2), [[1, 3], [2, 4], [0]])
+    self.assertEqual(group.length_groups([3, 3, 3], 5), [[0, 1, 2]])
+
+  def test_many_groups_by_length_and_returns_results_in_the_given_order(self):
+    root = tempfile.mkdtemp()
+    order = (2, 0, 1)  # c (3 steps per epoch), a (6), b (4): groups {a, b} then {c}
+    configs = [_config(SPECS[i][0], "lora", epochs=1, patience=0) for i in order]
+    with mock.patch.object(group, "finetune_group", wraps=group.finetune_group) as spy:
+      out = group.finetune_many(configs, [os.path.join(root, SPECS[i][0]) for i in order],
+                                max_concurrent=2, data=[_data(i) for i in order])
+    self.assertEqual([[c.task for c in call.args[0]] for call in spy.call_args_list],
+                     [["a", "b"], ["c"]])
+    self.assertEqual([r["task"] for r in out], ["c", "a", "b"])
+    self.assertEqual([r["steps"] for r in out], [3, 6, 4])
 
 
 class GroupMeshTest(absltest.TestCase):

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from adjustText import adjust_text  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.cluster import hierarchy  # noqa: E402
 from scipy.spatial import distance as spdist  # noqa: E402
@@ -48,18 +49,35 @@ def pca_coordinates(d: np.ndarray, n_components: int = 2) -> np.ndarray:
   return coords
 
 
+def seed_groups(labels: Sequence[str]) -> dict:
+  """``{task: [indices]}`` of labels ``task``, ``task#2``, ... (the names repeated seeds
+  of a task get), in first-appearance order."""
+  out: dict = {}
+  for k, name in enumerate(labels):
+    out.setdefault(str(name).split("#")[0], []).append(k)
+  return out
+
+
 def plot_pca(ax, d: np.ndarray, labels: Sequence[str], title: str = "",
              groups: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
   """Scatter of ``pca_coordinates(d)`` with task labels; returns the coordinates.
 
   ``groups`` (one label per point, None: no group) colours the points by group with a
-  legend ("other" for None). Labels alternate above and below their point so that
-  neighbours overlap less.
+  legend ("other" for None). Seeds of one task (``task``, ``task#2``, ...) are joined by
+  a grey line, the spread a reader compares with the distances between tasks, and the
+  task is labelled once. Labels are moved apart by ``adjustText`` so they do not overlap
+  each other or the points.
   """
   d = _check_square(d, labels)
   coords = pca_coordinates(d)
+  seeds = seed_groups(labels)
+  for idx in seeds.values():
+    if len(idx) > 1:
+      ax.plot(coords[idx, 0], coords[idx, 1], color="0.55", lw=0.9, zorder=1)
+  if any(len(idx) > 1 for idx in seeds.values()):
+    ax.plot([], [], color="0.55", lw=0.9, label="seeds of one task")
   if groups is None:
-    ax.scatter(coords[:, 0], coords[:, 1], s=30)
+    ax.scatter(coords[:, 0], coords[:, 1], s=30, zorder=2)
   else:
     if len(groups) != len(labels):
       raise ValueError(f"{len(groups)} groups for {len(labels)} points.")
@@ -67,16 +85,18 @@ def plot_pca(ax, d: np.ndarray, labels: Sequence[str], title: str = "",
     cmap = matplotlib.colormaps["tab10"]
     for c, name in enumerate(names):
       idx = [k for k, g in enumerate(groups) if (g or "other") == name]
-      ax.scatter(coords[idx, 0], coords[idx, 1], s=34,
+      ax.scatter(coords[idx, 0], coords[idx, 1], s=34, zorder=2,
                  color="0.6" if name == "other" else cmap(c % cmap.N), label=name)
-    ax.legend(fontsize=7, title="paper A family", title_fontsize=7, loc="best")
-  order = np.argsort(coords[:, 1])
-  for rank, k in enumerate(order):
-    ax.annotate(labels[k], coords[k], textcoords="offset points",
-                xytext=(4, 3 if rank % 2 == 0 else -9), fontsize=7)
+  if groups is not None or any(len(idx) > 1 for idx in seeds.values()):
+    ax.legend(fontsize=7, title=None if groups is None else "paper A family",
+              title_fontsize=7, loc="best")
+  texts = [ax.text(coords[idx[0], 0], coords[idx[0], 1], task, fontsize=7)
+           for task, idx in seeds.items()]
   ax.set_title(title, fontsize=9)
   ax.set_xlabel("PC 1")
   ax.set_ylabel("PC 2")
+  adjust_text(texts, x=coords[:, 0], y=coords[:, 1], ax=ax,
+              arrowprops=dict(arrowstyle="-", color="0.6", lw=0.5))
   return coords
 
 

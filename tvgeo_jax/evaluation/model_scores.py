@@ -13,7 +13,8 @@ run validates with (``task_data.build``, ``scoring.make_eval_step``, ``scoring.p
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+import itertools
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from tvgeo_jax.models.config import EncoderConfig
 from tvgeo_jax.core import sharding
 from tvgeo_jax.evaluation import losses, scoring
 from tvgeo_jax.evaluation import task_data as task_data_lib
-from tvgeo_jax.evaluation.task_data import TaskData
+from tvgeo_jax.evaluation.task_data import Batch, TaskData
 
 SPLITS = ("validation", "test")
 DEFAULT_CHUNK = 16
@@ -82,15 +83,30 @@ def _eval_step(model_config: EncoderConfig, is_regression: bool, dtype: str):
   return _STEP_CACHE[key]
 
 
+def split_batches(data: TaskData, split: str, eval_batch_size: int,
+                  max_examples: Optional[int] = None) -> Iterator[Batch]:
+  """The split's eval batches; with ``max_examples``, only its first
+  ``ceil(max_examples / eval_batch_size)`` batches (whole batches, so every host stops at
+  the same one): a fixed subset of the split, the same for every model scored on it."""
+  batches = data.eval_batches(split)
+  if max_examples is None:
+    return batches
+  if max_examples < 1:
+    raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}.")
+  return itertools.islice(batches, -(-max_examples // eval_batch_size))
+
+
 def evaluate(params: Mapping, model_config: EncoderConfig, train_config,
-             split: str = "test") -> Dict[str, Any]:
-  """Metrics of ``params`` on ``train_config.task``'s ``split`` (as in ``results.json``)."""
+             split: str = "test", max_examples: Optional[int] = None) -> Dict[str, Any]:
+  """Metrics of ``params`` on ``train_config.task``'s ``split`` (as in ``results.json``);
+  ``max_examples``: on the split's first examples only (``split_batches``)."""
   _check_split(split)
   data = cached_task_data(train_config)
   _check_head(model_config, data, train_config.task)
   step = _eval_step(model_config, data.is_regression, train_config.dtype)
   params = sharding.replicate(params, _mesh())
-  pred = scoring.predict(step, params, data.eval_batches(split), _mesh())
+  pred = scoring.predict(step, params, split_batches(data, split, train_config.eval_batch_size,
+                                                     max_examples), _mesh())
   return scoring.split_metrics(pred, data, scoring.class_weights(train_config.class_weights, data))
 
 
@@ -157,8 +173,9 @@ def _stacked_step(model_config: EncoderConfig, is_regression: bool, dtype: str):
 
 def evaluate_stacked(params_list: Sequence[Mapping], model_config: EncoderConfig,
                      train_config, split: str = "test",
-                     chunk_size: Optional[int] = DEFAULT_CHUNK) -> List[Dict[str, Any]]:
-  """``[evaluate(p, ...) for p in params_list]``, K trees per compiled forward.
+                     chunk_size: Optional[int] = DEFAULT_CHUNK,
+                     max_examples: Optional[int] = None) -> List[Dict[str, Any]]:
+  """``[evaluate(p, ..., max_examples) for p in params_list]``, K trees per compiled forward.
 
   The trees must share structure and shapes (the merges scored on one task carry
   that task's head). Leaves identical across the trees are not copied K times.
@@ -181,17 +198,18 @@ def evaluate_stacked(params_list: Sequence[Mapping], model_config: EncoderConfig
   for start in range(0, len(params_list), size):
     chunk = params_list[start:start + size]
     if len(chunk) == 1:
-      out.append(evaluate(chunk[0], model_config, train_config, split))
+      out.append(evaluate(chunk[0], model_config, train_config, split, max_examples))
       continue
     shared, varying = split_shared(chunk)
     if not varying:   # identical trees: score one, copy the metrics
-      res = evaluate(chunk[0], model_config, train_config, split)
+      res = evaluate(chunk[0], model_config, train_config, split, max_examples)
       out.extend(dict(res) for _ in chunk)
       continue
     shared = sharding.replicate(shared, mesh)
     varying = sharding.replicate(varying, mesh)
     pred = scoring.predict(lambda v, batch: step(v, shared, batch), varying,
-                        data.eval_batches(split), mesh)
+                        split_batches(data, split, train_config.eval_batch_size,
+                                      max_examples), mesh)
     for k in range(len(chunk)):
       one = {"logits": pred["logits"][:, k], "loss": pred["loss"][:, k],
              "labels": pred["labels"], "weights": pred["weights"]}

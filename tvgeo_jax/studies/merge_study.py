@@ -232,9 +232,12 @@ def study_tag(method: str, kw: Mapping[str, Any]) -> str:
   return f"{method}-{hashlib.sha1(opts.encode()).hexdigest()[:8]}"
 
 
-def open_cache(out_dir: Optional[str], srcs: Sequence[sources.Source]) -> EvalCache:
-  """One cache per set of runs: ``OUT/cache/evaluations.json``."""
+def open_cache(out_dir: Optional[str], srcs: Sequence[sources.Source],
+               max_examples: Optional[int] = None) -> EvalCache:
+  """One cache per set of runs and test subset: ``OUT/cache/evaluations.json``."""
   meta = {"runs": sorted(f"{s.name}={s.path}" for s in srcs)}   # order-independent
+  if max_examples is not None:
+    meta["max_examples"] = int(max_examples)
   path = os.path.join(out_dir, "cache", "evaluations.json") if out_dir else None
   return EvalCache(path, meta)
 
@@ -250,34 +253,37 @@ def score_of(metrics: Mapping[str, Any], score: str) -> float:
 
 # --- pairs: δ and Table 3 --------------------------------------------------------------
 
-def single_scores(srcs, configs, cache: EvalCache) -> List[Dict[str, Any]]:
+def single_scores(srcs, configs, cache: EvalCache,
+                  max_examples: Optional[int] = None) -> List[Dict[str, Any]]:
   """Each task's own model on its test split (re-evaluated, cached as ``single|name``)."""
   todo = {f"single|{s.name}": (s, c) for s, c in zip(srcs, configs)
           if f"single|{s.name}" not in cache}
   for key, (s, c) in todo.items():
-    cache.put({key: evaluation.evaluate(s.params, s.config, c, "test")})
+    cache.put({key: evaluation.evaluate(s.params, s.config, c, "test", max_examples)})
   return [cache[f"single|{s.name}"] for s in srcs]
 
 
 def merge_grid(srcs: Sequence[sources.Source], method: str = "lora_factor_average", *,
                cache: Optional[EvalCache] = None, configs: Optional[Sequence] = None,
                score: str = "main", chunk_size: Optional[int] = evaluation.DEFAULT_CHUNK,
-               **kw) -> Dict[str, Any]:
-  """Scores of every merge(i, j) on task i, single scores and δ.
+               max_examples: Optional[int] = None, **kw) -> Dict[str, Any]:
+  """Scores of every merge(i, j) on task i, single scores and δ (``max_examples``: on
+  the first examples of each test split, ``evaluation.model_scores.split_batches``).
 
   Returns ``{"method", "options", "task_names", "score", "single" [T],
-  "single_results_json" [T], "merged" [T, T] (NaN diagonal), "delta" [T, T],
+  "single_results_json" [T] (on the whole split), "max_examples", "merged" [T, T] (NaN
+  diagonal), "delta" [T, T],
   "metrics": {"i|j": all scalar metrics}}``.
   """
   method = resolve_method(method)
   srcs = list(srcs)
   _check_sources(srcs, method)
   configs = list(configs) if configs is not None else train_configs(srcs)
-  cache = cache if cache is not None else open_cache(None, srcs)
+  cache = cache if cache is not None else open_cache(None, srcs, max_examples)
   kw = method_options(method, kw)
   tag = study_tag(method, kw)
   t = len(srcs)
-  singles = single_scores(srcs, configs, cache)
+  singles = single_scores(srcs, configs, cache, max_examples)
   for i, (si, ci) in enumerate(zip(srcs, configs)):
     keys = {j: f"pair|{tag}|{si.name}|{srcs[j].name}" for j in range(t) if j != i}
     todo = [j for j, k in keys.items() if k not in cache]
@@ -285,7 +291,8 @@ def merge_grid(srcs: Sequence[sources.Source], method: str = "lora_factor_averag
       continue
     base = base_tree(si) if method in NEEDS_BASE else None
     merged = [merge(method, [si.params, srcs[j].params], base, **kw) for j in todo]
-    res = evaluation.evaluate_stacked(merged, si.config, ci, "test", chunk_size=chunk_size)
+    res = evaluation.evaluate_stacked(merged, si.config, ci, "test", chunk_size=chunk_size,
+                                      max_examples=max_examples)
     cache.put({keys[j]: r for j, r in zip(todo, res)})
   merged_scores = np.full((t, t), np.nan)
   metrics = {}
@@ -303,7 +310,8 @@ def merge_grid(srcs: Sequence[sources.Source], method: str = "lora_factor_averag
                  else float("nan"))
   return {"method": method, "options": {k: v for k, v in kw.items() if v is not None},
           "task_names": [s.name for s in srcs], "score": score, "single": single.tolist(),
-          "single_results_json": saved, "merged": merged_scores.tolist(),
+          "single_results_json": saved, "max_examples": max_examples,
+          "merged": merged_scores.tolist(),
           "delta": interference.delta_matrix(single, merged_scores).tolist(),
           "metrics": metrics}
 
@@ -405,7 +413,8 @@ def sign_conflicts(srcs: Sequence[sources.Source], ks: Sequence[float] = (0.2, 1
 
 def topk_sweep(srcs, configs, cache: EvalCache, ks: Sequence[float] = DEFAULT_TOPK, *,
                modules=None, granularity: str = "global", score: str = "main",
-               chunk_size: Optional[int] = evaluation.DEFAULT_CHUNK) -> Dict[str, Any]:
+               chunk_size: Optional[int] = evaluation.DEFAULT_CHUNK,
+               max_examples: Optional[int] = None) -> Dict[str, Any]:
   """Score of θ0 + keep_top_k(τ_i, k) (task i's head) on task i, for every k."""
   out = {"ks": list(ks), "score": score, "tasks": {}}
   for s, c in zip(srcs, configs):
@@ -416,22 +425,23 @@ def topk_sweep(srcs, configs, cache: EvalCache, ks: Sequence[float] = DEFAULT_TO
       tau = merging.task_vector(base, s.params, modules=modules)
       models = [merging.apply_task_vector(base, merging.keep_top_k(tau, k, granularity),
                                           head_from=s.params) for k in todo]
-      res = evaluation.evaluate_stacked(models, s.config, c, "test", chunk_size=chunk_size)
+      res = evaluation.evaluate_stacked(models, s.config, c, "test", chunk_size=chunk_size,
+                                        max_examples=max_examples)
       cache.put({keys[k]: r for k, r in zip(todo, res)})
     out["tasks"][s.name] = [score_of(cache[keys[k]], score) for k in ks]
   return out
 
 
 def multitask(srcs, configs, cache: EvalCache, methods: Sequence[str], *, score: str = "main",
-              seed: int = 0, options: Optional[Mapping[str, Mapping]] = None
-              ) -> Dict[str, Any]:
+              seed: int = 0, options: Optional[Mapping[str, Mapping]] = None,
+              max_examples: Optional[int] = None) -> Dict[str, Any]:
   """Merges of the first n tasks of a seeded permutation, n = 2..T, per method.
 
   ``options``: per-method keyword arguments of ``merge``.
   """
   options = options or {}
   single = {s.name: score_of(m, score)
-            for s, m in zip(srcs, single_scores(srcs, configs, cache))}
+            for s, m in zip(srcs, single_scores(srcs, configs, cache, max_examples))}
   order = np.random.default_rng(seed).permutation(len(srcs)).tolist()
   out = {"order": [srcs[i].name for i in order], "score": score, "seed": seed, "methods": {}}
   for method in methods:
@@ -453,7 +463,7 @@ def multitask(srcs, configs, cache: EvalCache, methods: Sequence[str], *, score:
           c = configs[i]
           if keys[s.name] not in cache:
             cache.put({keys[s.name]: evaluation.evaluate(merging.with_head(body, s.params),
-                                                          s.config, c, "test")})
+                                                          s.config, c, "test", max_examples)})
       scores = {s.name: score_of(cache[keys[s.name]], score) for s in subset}
       # A task whose single-task score is 0 (e.g. MCC) has no normalised score: it is
       # left out of the mean (and counted), not allowed to turn the whole mean into NaN.
@@ -542,7 +552,8 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
               topk_ks: Sequence[float] = DEFAULT_TOPK, conflict_ks: Sequence[float] = (0.2, 1.0),
               multitask_methods: Optional[Sequence[str]] = None, seed: int = 0,
               top_k: Optional[int] = None, chunk_size: Optional[int] = evaluation.DEFAULT_CHUNK,
-              figures: bool = True, **kw) -> Dict[str, Any]:
+              figures: bool = True, max_examples: Optional[int] = None,
+              **kw) -> Dict[str, Any]:
   """Run the chosen analyses and write them under ``out_dir``.
 
   Files: ``pairs_{method}.json`` (scores, δ, distances, Spearman tables),
@@ -550,6 +561,9 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
   with both LoRA averagings available, ``lora_merges.md`` compares factor and
   product averaging; ``ties.json`` (sign conflicts), ``topk.json``,
   ``multitask.json`` and their PNGs; ``cache/evaluations.json`` (resumption).
+  ``max_examples``: every model (single and merged alike) is scored on the same first
+  ``max_examples`` of each test split (whole eval batches), so δ stays paired while a
+  large synthetic test split costs less; None scores the whole split.
   Returns the written objects plus ``"evaluations"``: evaluations performed now.
   """
   method = resolve_method(method)
@@ -560,7 +574,7 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
   _check_sources(srcs, method)
   configs = train_configs(srcs)
   os.makedirs(out_dir, exist_ok=True)
-  cache = open_cache(out_dir, srcs)
+  cache = open_cache(out_dir, srcs, max_examples)
   names = [s.name for s in srcs]
   result: Dict[str, Any] = {}
   all_lora = all(lora.has_lora(s.params) for s in srcs)
@@ -575,7 +589,7 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
     for m in pair_methods:
       m_kw = kw if m == method else {k: v for k, v in kw.items() if k == "modules"}
       grid = merge_grid(srcs, m, cache=cache, configs=configs, score=score,
-                        chunk_size=chunk_size, **m_kw)
+                        chunk_size=chunk_size, max_examples=max_examples, **m_kw)
       tables = interference_tables(grid["delta"], columns, names)
       grid["distances"] = {mod: {c: np.asarray(v).tolist() for c, v in cols.items()}
                            for mod, cols in columns.items()}
@@ -597,7 +611,8 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
                                {"task_names": names, "sign_conflicts": conflicts})
     result["ties"] = conflicts
   if "topk" in analyses:
-    topk = topk_sweep(srcs, configs, cache, topk_ks, score=score, chunk_size=chunk_size)
+    topk = topk_sweep(srcs, configs, cache, topk_ks, score=score, chunk_size=chunk_size,
+                      max_examples=max_examples)
     io_utils.atomic_write_json(os.path.join(out_dir, "topk.json"), topk)
     result["topk"] = topk
   if "multitask" in analyses:
@@ -611,7 +626,7 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
       multitask_methods = list(multitask_methods) + [method]   # the pair method, compared too
     opts = {method: kw} if kw else {}
     multi = multitask(srcs, configs, cache, multitask_methods, score=score, seed=seed,
-                      options=opts)
+                      options=opts, max_examples=max_examples)
     io_utils.atomic_write_json(os.path.join(out_dir, "multitask.json"), multi)
     io_utils.atomic_write_text(os.path.join(out_dir, "multitask.md"), multitask_markdown(multi))
     result["multitask"] = multi

@@ -77,6 +77,8 @@ class StudyPreset:
   umap: bool = True
   multitask_methods: Tuple[str, ...] = ("lora_factor_average", "task_arithmetic", "ties")
   max_concurrent: Optional[int] = None  # tasks per concurrent fine-tuning group (None: all)
+  merge_max_examples: Optional[int] = None  # merge study: test rows scored per model (None: all)
+  ovr_overrides: Tuple[Tuple[str, Any], ...] = ()  # one-vs-rest: training values on top
   seeds: int = 1   # runs per task and method (seed, seed + 1, ...): the seed noise floor
 
   def train_config(self, task: str, method: str, seed_index: int = 0):
@@ -85,9 +87,14 @@ class StudyPreset:
 
 
 def _offline() -> StudyPreset:
+  # Measured choices (BUILD_NOTES, "The offline study's budget"): groups of four tasks of
+  # similar length idle less than one group of ten; 500 test rows per merged model keep
+  # δ paired (single and merged models on the same rows); authorship learns at scale 2
+  # (validation 320 rows).
   return StudyPreset(
       name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS), train_preset="offline",
-      repr_task="synth_mrpc", ovr_task="synth_authorship")
+      repr_task="synth_mrpc", ovr_task="synth_authorship", max_concurrent=4,
+      merge_max_examples=500, ovr_overrides=(("data_scale", 2.0),))
 
 
 def _paper() -> StudyPreset:
@@ -184,10 +191,11 @@ class Pipeline:
       if len(members) == 1:
         t, k = members[0]
         name = f"finetune {t}{'' if k == 0 else f' seed {k}'} {method}"
-      elif p.seeds == 1:
-        name = f"finetune {method} ({len(members)} tasks concurrently)"
       else:
-        name = f"finetune {method} ({len(members)} runs concurrently, {p.seeds} seeds)"
+        how = ("concurrently" if not p.max_concurrent or p.max_concurrent >= len(members)
+               else f"in concurrent groups of up to {p.max_concurrent}")
+        name = (f"finetune {method} ({len(members)} tasks {how})" if p.seeds == 1 else
+                f"finetune {method} ({len(members)} runs {how}, {p.seeds} seeds)")
       steps.append(Step(name, lambda ms=members, m=method: self._finetune(ms, m),
                         lambda ds=dirs: all(runs.is_finished(d) for d in ds), training=True))
     so = os.path.join(self.out, "scores")
@@ -305,7 +313,8 @@ class Pipeline:
     res = merge_study.run_study(srcs, out, "lora_factor_average",
                                 analyses=("pairs", "ties", "topk", "multitask"),
                                 kplus=_kplus_for(layers),
-                                multitask_methods=self.preset.multitask_methods)
+                                multitask_methods=self.preset.multitask_methods,
+                                max_examples=self.preset.merge_max_examples)
     md = []
     for name in ("table3_lora_factor_average.md", "lora_merges.md"):
       path = os.path.join(out, name)
@@ -342,7 +351,8 @@ class Pipeline:
   def _one_vs_rest(self):
     p = self.preset
     out = os.path.join(self.out, "one_vs_rest")
-    res = one_vs_rest.run_study(p.ovr_task, out, model=p.model, preset=p.train_preset)
+    res = one_vs_rest.run_study(p.ovr_task, out, model=p.model, preset=p.train_preset,
+                                overrides=dict(p.ovr_overrides))
     md = os.path.join(out, "one_vs_rest.md")
     if os.path.exists(md):
       with open(md) as f:
