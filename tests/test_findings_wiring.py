@@ -132,6 +132,21 @@ class FindingTest(absltest.TestCase):
 
 class SeedsPlanTest(absltest.TestCase):
 
+  def test_seed_tasks_get_the_seeds_and_the_other_tasks_one_run(self):
+    preset = dataclasses.replace(reproduce.get_preset("smoke"), model="embedded", seeds=2,
+                                 seed_tasks=("synth_yelp",))
+    pipe = reproduce.Pipeline(preset, "/tmp/x")
+    self.assertEqual([(t, k) for t, m, k in pipe.finetune_jobs() if m == "lora"],
+                     [("synth_sst2", 0), ("synth_yelp", 0), ("synth_yelp", 1),
+                      ("synth_mrpc", 0)])
+    self.assertEqual(pipe.model_keys("full"),
+                     ["synth_sst2/full", "synth_yelp/full", "synth_yelp#2/full",
+                      "synth_mrpc/full"])
+    self.assertEqual(pipe.model_keys("full", all_seeds=False),
+                     ["synth_sst2/full", "synth_yelp/full", "synth_mrpc/full"])
+    # --seeds on the command line puts the seeds on every task
+    self.assertIsNone(reproduce.get_preset("offline", seeds=2).seed_tasks)
+
   def test_seeds_are_extra_members_of_each_group_with_their_own_run_dirs(self):
     preset = dataclasses.replace(reproduce.get_preset("smoke"), model="embedded", seeds=2)
     pipe = reproduce.Pipeline(preset, "/tmp/x")

@@ -42,6 +42,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import matplotlib
 import numpy as np
 
 from tvgeo_jax import evaluation, merging
@@ -373,21 +374,36 @@ def table3_markdown(tables: Mapping[str, Mapping[str, dict]], kplus: Sequence[in
 
 def scatter_plots(out_dir: str, grid: Mapping[str, Any],
                   columns: Mapping[str, Mapping[str, np.ndarray]]) -> List[str]:
-  """δ(i, j) against each all-layer distance, one PNG per module (points coloured by i)."""
+  """δ(i, j) against each all-layer distance, one PNG per module: points coloured by
+  task i's paper A family (legend), filled where j is in the same family, hollow where
+  not (geometry predicts δ if the filled points sit left and low)."""
   delta = np.asarray(grid["delta"], np.float64)
   names = grid["task_names"]
-  off = ~np.eye(len(names), dtype=bool)
+  fams = [f or "other" for f in evidence.paper_families(names)]
+  kinds = list(dict.fromkeys(fams))
+  cmap = matplotlib.colormaps["tab10"]
+  colour = {f: ("0.6" if f == "other" else cmap(k % cmap.N)) for k, f in enumerate(kinds)}
+  t = len(names)
+  same = np.array([[fams[i] == fams[j] and fams[i] != "other" for j in range(t)]
+                   for i in range(t)])
+  off = ~np.eye(t, dtype=bool)
   paths = []
   for module, cols in columns.items():
     shown = [c for c in cols if " " not in c]
     fig, axes = figures.panels(len(shown), title=f"{grid['method']}: δ vs distance ({module})")
     for ax, col in zip(axes, shown):
       d = np.asarray(cols[col])
-      for i, name in enumerate(names):
-        ax.scatter(d[i][off[i]], delta[i][off[i]], s=14, label=name)
-      ax.set_xlabel(f"T̄ {col}")
-      ax.set_ylabel(f"δ ({grid['score']})")
-    axes[0].legend(fontsize=6)
+      for f in kinds:
+        rows = np.array([fams[i] == f for i in range(t)])[:, None] & off
+        for filled in (True, False):
+          sel = rows & (same == filled)
+          if sel.any():
+            ax.scatter(d[sel], delta[sel], s=16, linewidths=0.9,
+                       color=colour[f] if filled else "none", edgecolors=colour[f],
+                       label=f"{f} (j in i's family)" if filled else f"{f} (j elsewhere)")
+      ax.set_xlabel(f"T̄ {col} (all layers)")
+      ax.set_ylabel(f"δ(i, j) ({grid['score']}, task i's score)")
+    axes[0].legend(fontsize=6, title="task i's family", title_fontsize=6)
     path = os.path.join(out_dir, f"scatter_{module}.png")
     figures.save_figure(fig, path)
     paths.append(path)
@@ -497,7 +513,6 @@ def multitask_markdown(multi: Mapping[str, Any]) -> str:
 
 def plt_colors(n: int) -> List[Any]:
   """``n`` distinguishable colours (tab10, then tab20 beyond ten lines)."""
-  import matplotlib
   cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
   return [cmap(i % cmap.N) for i in range(n)]
 

@@ -177,7 +177,7 @@ def scores_section(pipe) -> List[Block]:
       for m in p.methods:
         v = [models[k]["main"] for k in pipe.model_keys(m, [task])
              if k in models and models[k]["main"] is not None]
-        row.append(f"{100 * min(v):.2f}–{100 * max(v):.2f}" if v else "–")
+        row.append(f"{100 * min(v):.2f}–{100 * max(v):.2f}" if len(v) > 1 else "–")
     first = next((models[k] for k in pipe.model_keys(p.methods[0], [task], False)
                   if k in models), None)
     row.append(_pct(first["chance"]) if first else "–")
@@ -326,7 +326,8 @@ def build(pipe) -> List[Block]:
       ("h", 1, f"tvgeo_jax reproduction — preset '{p.name}'"),
       ("p", f"Generated {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; base model "
             f"{p.model}; {len(p.tasks)} tasks × methods {', '.join(p.methods)} × {p.seeds} "
-            "seed(s); compute time "
+            "seed(s)" + (f" (the seeds on {', '.join(p.seed_tasks)}; one seed elsewhere)"
+                         if p.seeds > 1 and p.seed_tasks else "") + "; compute time "
             f"of the steps run so far {total / 60:.1f} min. Every finding below was computed "
             "by its study from the saved results of this run."),
   ]

@@ -80,6 +80,7 @@ class StudyPreset:
   merge_max_examples: Optional[int] = None  # merge study: test rows scored per model (None: all)
   ovr_overrides: Tuple[Tuple[str, Any], ...] = ()  # one-vs-rest: training values on top
   seeds: int = 1   # runs per task and method (seed, seed + 1, ...): the seed noise floor
+  seed_tasks: Optional[Tuple[str, ...]] = None  # the tasks that get ``seeds`` runs (None: all)
 
   def train_config(self, task: str, method: str, seed_index: int = 0):
     cfg = presets.resolve(task, method, self.model, self.train_preset)
@@ -127,7 +128,7 @@ def get_preset(name: str, seeds: Optional[int] = None) -> StudyPreset:
       raise ValueError(f"--seeds={seeds} needs a pretrained base: {preset.model!r} is drawn "
                        "from the training seed, so each seed would fine-tune another base "
                        "(use the offline or paper preset).")
-    preset = dataclasses.replace(preset, seeds=seeds)
+    preset = dataclasses.replace(preset, seeds=seeds, seed_tasks=None)  # every task
   return preset
 
 
@@ -153,11 +154,18 @@ class Pipeline:
     folder = task if seed_index == 0 else f"{task}_s{seed_index}"
     return os.path.join(self.out, "runs", folder, method)
 
+  def seed_indices(self, task: str, all_seeds: bool = True) -> range:
+    """The seed indices a task is trained with: ``seeds`` of them for the preset's
+    ``seed_tasks`` (every task when None), else the first only."""
+    p = self.preset
+    several = all_seeds and (p.seed_tasks is None or task in p.seed_tasks)
+    return range(p.seeds if several else 1)
+
   def finetune_jobs(self) -> List[Tuple[str, str, int]]:
-    """(task, method, seed index) of every run: each task × method × seed, plus the
+    """(task, method, seed index) of every run: each task × method × its seeds, plus the
     representation task's bottleneck run (one seed)."""
     jobs = [(t, m, k) for t in self.preset.tasks for m in self.preset.methods
-            for k in range(self.preset.seeds)]
+            for k in self.seed_indices(t)]
     if self.preset.repr_task:
       for m in ("full", "lora", "bottleneck"):
         if (self.preset.repr_task, m, 0) not in jobs:
@@ -177,8 +185,8 @@ class Pipeline:
   def model_keys(self, method: str, tasks: Optional[Sequence[str]] = None,
                  all_seeds: bool = True) -> List[str]:
     """``scores.model_key`` of a method's runs (the names the scores summary uses)."""
-    seeds = range(self.preset.seeds) if all_seeds else range(1)
-    return [scores.model_key(t, method, k) for t in (tasks or self.preset.tasks) for k in seeds]
+    return [scores.model_key(t, method, k) for t in (tasks or self.preset.tasks)
+            for k in self.seed_indices(t, all_seeds)]
 
   def prediction_ready(self) -> bool:
     return "lora" in self.preset.methods and len(self.preset.tasks) >= 4
@@ -273,8 +281,8 @@ class Pipeline:
                all_seeds: bool = False):
     """The runs of a method, task-major (``task``, ``task#2``... for the seeds)."""
     tasks = tasks or self.preset.tasks
-    seeds = range(self.preset.seeds) if all_seeds else range(1)
-    return sources.load_sources([self.run_dir(t, method, k) for t in tasks for k in seeds])
+    return sources.load_sources([self.run_dir(t, method, k) for t in tasks
+                                 for k in self.seed_indices(t, all_seeds)])
 
   def _evaluability(self, models: Sequence[str]):
     return scores.evaluability(scores.read_summary(os.path.join(self.out, "scores")), models)
