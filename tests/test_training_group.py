@@ -131,9 +131,11 @@ class GroupRunTest(absltest.TestCase):
 
   def test_tasks_that_cannot_share_a_step_are_refused(self):
     configs = [_config("a", "lora"), _config("b", "lora", seed=1)]  # different random bases
+    root = tempfile.mkdtemp()
     with self.assertRaisesRegex(ValueError, "'a' and 'b' have different frozen weights"):
-      group.finetune_group(configs, [tempfile.mkdtemp(), tempfile.mkdtemp()],
+      group.finetune_group(configs, [os.path.join(root, "a"), os.path.join(root, "b")],
                            data=[_data(0), _data(1)])
+    self.assertFalse([n for n in os.listdir(root) if n.startswith("_group")])  # no lock left
     configs = [_config("a", "lora"), _config("b", "lora", batch_size=8)]
     with self.assertRaisesRegex(ValueError, "'a' and 'b' cannot train in one group: batch_size"):
       group.finetune_group(configs, [tempfile.mkdtemp(), tempfile.mkdtemp()],

@@ -327,9 +327,24 @@ class _GroupTrainer:
     self.group_dir = group_dir
     self.t_start = time.time()
     self._lock = run_dir_lib.RunLock(group_dir)
+    created = not os.path.exists(group_dir)
     os.makedirs(group_dir, exist_ok=True)
     self._lock.acquire()
     self.members: List[_Member] = []
+    try:
+      self._set_up_members(configs, run_dirs, datas, bases, overwrite, max_concurrent, mesh)
+    except BaseException:  # refused (e.g. different bases): release what was taken
+      for m in self.members:
+        m.best.close()
+        m.guard.release()
+      self._lock.release()
+      if created and not os.listdir(group_dir):
+        os.rmdir(group_dir)
+      raise
+    self.ckpts = ckpt_lib.RunCheckpoints(group_dir)
+
+  def _set_up_members(self, configs, run_dirs, datas, bases, overwrite, max_concurrent,
+                      mesh) -> None:
     for config, run_dir, data, (model_config, base) in zip(configs, run_dirs, datas, bases):
       guard = loop.RunDirectoryGuard(run_dir, overwrite)
       params = methods.prepare_params(base, model_config, config)
@@ -342,7 +357,6 @@ class _GroupTrainer:
     self._check_same_frozen()
     self._check_memory(max_concurrent)
     self._set_up(mesh)
-    self.ckpts = ckpt_lib.RunCheckpoints(group_dir)
 
   # --- phase 1: set-up ----------------------------------------------------------------
   def _check_same_frozen(self) -> None:
