@@ -35,6 +35,12 @@ flags.DEFINE_bool("pair_match", _DEFAULTS.pair_match,
                   "On pair rows, every token predicts whether its word occurs in the other text.")
 flags.DEFINE_integer("pair_every", _DEFAULTS.pair_every,
                      "Every n-th step is a batch of unlabelled text pairs (0: never).")
+flags.DEFINE_integer("polar_reviews", _DEFAULTS.polar_reviews,
+                     "Polarity-coherent, negation-free reviews added to the MLM training "
+                     "texts (synthetic.polar_reviews; 0: none).")
+flags.DEFINE_float("polar_negation", _DEFAULTS.polar_negation,
+                   "Share of the polar reviews' clauses negated with the opposite adjective "
+                   "(the review's polarity kept; 0: none).")
 
 
 def main(argv):
@@ -47,6 +53,8 @@ def main(argv):
                               seq_len=FLAGS.seq_len, learning_rate=FLAGS.learning_rate,
                               seed=FLAGS.seed, cls_targets=FLAGS.cls_targets,
                               pair_every=FLAGS.pair_every,
+                              polar_reviews=FLAGS.polar_reviews,
+                              polar_negation=FLAGS.polar_negation,
                               pair_novelty=FLAGS.pair_novelty,
                               pair_match=FLAGS.pair_match)
     config, params, report = embedded.pretrain(cfg)

@@ -193,6 +193,34 @@ class SyntheticTest(parameterized.TestCase):
     snli = set(synthetic.generate("synth_snli", seed=0, scale=0.05)["train"][0])
     self.assertLess(len(snli & set(pairs)), len(snli) // 10 + 1)
 
+  def test_polar_reviews_are_coherent_negation_free_and_in_the_tokenizer(self):
+    reviews = synthetic.polar_reviews(400, seed=1000)
+    self.assertLen(reviews, 400)
+    self.assertEqual(reviews, synthetic.polar_reviews(400, seed=1000))
+    pos, neg = set(synthetic.POS_ADJ), set(synthetic.NEG_ADJ)
+    n_pos = 0
+    for r in reviews:
+      words = re.findall(r"[a-z]+", r)
+      self.assertFalse({"not", "never", "nobody", "but"} & set(words), r)
+      has_pos, has_neg = bool(pos & set(words)), bool(neg & set(words))
+      self.assertNotEqual(has_pos, has_neg, r)  # every polarity word of a review agrees
+      n_pos += has_pos
+    self.assertEqual(n_pos, 200)  # both polarities, equally often
+    # Words the suite's tokenizer already has as one token (it is trained on corpus(),
+    # which the reviews do not join, so the option leaves it unchanged), but two:
+    # "actors" (actor + s) and "our" (Ġ + our).
+    vocab = set(data.load_tokenizer("tiny").get_vocab())
+    words = {w for r in reviews for w in re.findall(r"[a-z]+", r)}
+    self.assertEqual({w for w in words if "Ġ" + w not in vocab}, {"actors", "our"})
+    # With negation, a negated clause takes the opposite adjective (the review keeps
+    # its polarity).
+    negated = synthetic.polar_reviews(200, seed=1000, negation=0.33)
+    self.assertTrue(any(re.search(r"\b(not|never|nobody)\b", r) for r in negated))
+    # Never a task text.
+    sentiment = {t for n in ("synth_sst2", "synth_yelp", "synth_imdb")
+                 for (t,) in synthetic.generate(n)["train"][0]}
+    self.assertFalse(sentiment & set(reviews))
+
 
 if __name__ == "__main__":
   absltest.main()

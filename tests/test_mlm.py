@@ -8,7 +8,8 @@ import transformers
 import torch
 
 from tvgeo_jax.pretraining import embedded, mlm
-from tvgeo_jax import models
+from tvgeo_jax import data, models
+from tvgeo_jax.data import synthetic
 
 
 class MaskingTest(absltest.TestCase):
@@ -115,6 +116,19 @@ class EmbeddedBaseTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as d:  # the saved base re-evaluates to its record
       embedded.save(d, *runs[0])
       self.assertAlmostEqual(embedded.evaluate_base(d), runs[0][2]["mlm_loss_final"], places=4)
+
+  def test_polar_reviews_join_the_training_texts_only(self):
+    base = embedded.PretrainConfig(corpus_scale=0.05)
+    train, held = embedded._corpus_rows(base)
+    train_p, held_p = embedded._corpus_rows(embedded.PretrainConfig(corpus_scale=0.05,
+                                                                    polar_reviews=50))
+    self.assertEqual([list(r) for r in held_p], [list(r) for r in held])  # same held-out
+    self.assertLen(train_p, len(train) + 50)
+    tok = data.load_tokenizer("tiny")
+    extra = tok(synthetic.polar_reviews(50, seed=embedded.CORPUS_SEED),
+                add_special_tokens=True)["input_ids"]
+    self.assertCountEqual([tuple(r) for r in train_p],
+                          [tuple(r) for r in train] + [tuple(r) for r in extra])
 
   def test_short_pretraining_learns_and_saves_a_transformers_checkpoint(self):
     cfg = embedded.PretrainConfig(steps=40, batch_size=16, seq_len=32, long_seq_len=64,

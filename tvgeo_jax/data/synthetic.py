@@ -148,13 +148,14 @@ IMDB_NOUNS = _p("the film|the director|the script|the soundtrack|the ending|the 
 NEGATION_RATE = 1 / 3
 
 
-def _opinion(r: random.Random, noun: str, effective: int, tense: str = "is") -> str:
+def _opinion(r: random.Random, noun: str, effective: int, tense: str = "is",
+             negation: float = NEGATION_RATE) -> str:
   """A clause whose overall polarity is ``effective`` (1 positive): adjective XOR negation.
 
   A third of the clauses are negated: polarity words lean towards their label (which
   gives a small model a first foothold) without deciding it; "not" is label-free.
   """
-  neg = r.random() < NEGATION_RATE
+  neg = r.random() < negation
   adj = pick(r, POS_ADJ if effective ^ neg else NEG_ADJ)
   intens = pick(r, INTENS) + " " if r.random() < 0.35 else ""
   form = r.randrange(4)
@@ -224,6 +225,72 @@ def gen_imdb(r: random.Random, label: int) -> Example:
     parts.insert(r.randrange(len(parts) + 1), f(r))
   parts.append(_opinion(r, "the movie as a whole", label, "was") + " .")
   return (_sent(" ".join(parts)),), label
+
+
+# Polarity-coherent reviews for the MLM corpus only (``PretrainConfig.polar_reviews``;
+# never a task text, never labelled). In the tasks every polarity word is XORed with a
+# negation, so masked-language modelling on the tasks' own texts has no reason to tell
+# "superb" from "awful" (BUILD_NOTES, issue 19, session 7). Real reviews do: their
+# clauses mostly share one polarity and sit beside words such as "love" / "overrated".
+# Here every clause of a review has the same polarity and there is no negation, so a
+# masked adjective is predictable from the review's other adjectives and context words.
+# The words are the suite's own (all but "actors" and "our" are one token of the
+# synthetic tokenizer, which is trained on ``corpus()`` and so unchanged by this).
+_POLAR_DOMAINS = (
+    (SST_NOUNS, "this movie", "the actors"),
+    (YELP_NOUNS, "this place", "the staff"),
+    (IMDB_NOUNS, "the film", "the cast"),
+)
+_POLAR_CONTEXT = {
+    1: (lambda r, d: f"i love {d[1]} .", lambda r, d: "we would come back .",
+        lambda r, d: "it is worth the money .", lambda r, d: f"everyone praised {d[2]} .",
+        lambda r, d: "ten out of ten .", lambda r, d: f"{d[1]} deserves praise ."),
+    0: (lambda r, d: f"{d[1]} is overrated .", lambda r, d: "two out of ten .",
+        lambda r, d: "we warned our friends .", lambda r, d: "we went home early .",
+        lambda r, d: "it costs too much .", lambda r, d: f"{d[1]} is hard to like ."),
+}
+
+
+def _polar_clause(r: random.Random, noun: str, polarity: int, negation: float = 0.0) -> str:
+  if negation and r.random() < negation:  # a negated clause of the same overall polarity
+    return _opinion(r, noun, polarity, pick(r, ["is", "was"]), negation=1.0) + " ."
+  lex = POS_ADJ if polarity else NEG_ADJ
+  adj = pick(r, lex)
+  intens = pick(r, INTENS) + " " if r.random() < 0.35 else ""
+  tense = pick(r, ["is", "was"])
+  form = r.randrange(5)
+  if form == 0:
+    return f"{noun} {tense} {intens}{adj} ."
+  if form == 1:
+    return f"i thought {noun} {tense} {intens}{adj} ."
+  if form == 2:
+    return f"{noun} {tense} always {intens}{adj} ."
+  if form == 3:
+    return f"everyone would call {noun} {intens}{adj} ."
+  return f"{noun} {tense} {adj} and {_distinct(r, lambda: pick(r, lex), [adj])} ."
+
+
+def polar_reviews(n: int, seed: int = 0, negation: float = 0.0) -> List[str]:
+  """``n`` label-free reviews (half of each polarity, shuffled): 3-5 same-polarity
+  opinion clauses about one domain's nouns, 1-2 same-polarity context sentences,
+  sometimes a neutral filler. ``negation``: the share of opinion clauses written negated
+  with the opposite adjective ("the plot was not awful" in a positive review), so that
+  the clause keeps the review's polarity (0: no negation at all)."""
+  r = random.Random(f"polar-{seed}" if not negation else f"polar-{seed}-neg{negation}")
+  out = []
+  for i in range(n):
+    polarity = i % 2
+    d = pick(r, _POLAR_DOMAINS)
+    nouns = r.sample(d[0], r.randint(3, 5))
+    parts = [_polar_clause(r, noun, polarity, negation) for noun in nouns]
+    for f in r.sample(_POLAR_CONTEXT[polarity], r.randint(1, 2)):
+      parts.insert(r.randrange(len(parts) + 1), f(r, d))
+    if r.random() < 0.3:
+      fillers = YELP_FILLERS if d[0] is YELP_NOUNS else IMDB_FILLERS
+      parts.insert(r.randrange(len(parts) + 1), pick(r, fillers)(r))
+    out.append(_sent(" ".join(parts)))
+  r.shuffle(out)
+  return out
 
 
 # --------------------------------------------------------------------------- cola

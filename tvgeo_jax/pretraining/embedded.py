@@ -91,6 +91,15 @@ class PretrainConfig:
   # On pair rows every content token also predicts (a linear probe on its last-layer
   # state, discarded after pretraining) whether its word occurs in the other text.
   pair_match: bool = True
+  # Polarity signal: this many label-free, negation-free, polarity-coherent reviews
+  # (``synthetic.polar_reviews``) join the MLM training texts (not the held-out texts,
+  # not the tokenizer's corpus, not any task), so that masked-language modelling has a
+  # reason to separate the positive and negative adjectives (0: off).
+  polar_reviews: int = 0
+  # The share of those reviews' opinion clauses that are negated with the opposite
+  # adjective, keeping the review's polarity ("not awful" in a positive review): MLM then
+  # has to compose negation with polarity, as the sentiment tasks do (0: no negation).
+  polar_negation: float = 0.0
 
 
 def _generator_version() -> str:
@@ -143,7 +152,14 @@ def _corpus_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
   order = np.random.RandomState(cfg.seed).permutation(len(texts))
   rows = tok([texts[i] for i in order], add_special_tokens=True)["input_ids"]
   n_eval = max(1, len(rows) // 20)
-  return rows[n_eval:], rows[:n_eval]
+  train, held = rows[n_eval:], rows[:n_eval]
+  if cfg.polar_reviews:
+    extra = tok(synthetic.polar_reviews(cfg.polar_reviews, seed=CORPUS_SEED,
+                                        negation=cfg.polar_negation),
+                add_special_tokens=True)["input_ids"]
+    mixed = list(train) + list(extra)
+    train = [mixed[i] for i in np.random.RandomState(cfg.seed + 2).permutation(len(mixed))]
+  return train, held
 
 
 def _pair_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
