@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "embedded", "Base model: a built-in name or a directory.")
 
 
-def _vectors(embeddings: np.ndarray, tokenizer, words):
+def word_vectors(embeddings: np.ndarray, tokenizer, words):
   """Mean embedding of each word's tokens as it appears mid-sentence (leading space)."""
   return np.stack([embeddings[tokenizer(" " + w, add_special_tokens=False)["input_ids"]]
                    .mean(0) for w in words])
@@ -53,8 +53,8 @@ def main(argv):
   _, params = pretraining.load_model(FLAGS.model, head="mlm")
   emb = np.asarray(params["embeddings"]["word_embeddings"]["embedding"])
   tok = data.load_tokenizer(pretraining.model_dir(FLAGS.model))
-  pos, neg = _vectors(emb, tok, synthetic.POS_ADJ), _vectors(emb, tok, synthetic.NEG_ADJ)
-  nouns = _vectors(emb, tok, [n.split()[-1] for n in synthetic.SST_NOUNS][:len(pos)])
+  pos, neg = word_vectors(emb, tok, synthetic.POS_ADJ), word_vectors(emb, tok, synthetic.NEG_ADJ)
+  nouns = word_vectors(emb, tok, [n.split()[-1] for n in synthetic.SST_NOUNS][:len(pos)])
   within = (mean_cosine(pos, pos, True) + mean_cosine(neg, neg, True)) / 2
   x = np.concatenate([pos, neg])
   y = np.array([1] * len(pos) + [0] * len(neg))

@@ -118,10 +118,10 @@ class EmbeddedBaseTest(absltest.TestCase):
       self.assertAlmostEqual(embedded.evaluate_base(d), runs[0][2]["mlm_loss_final"], places=4)
 
   def test_polar_reviews_join_the_training_texts_only(self):
-    base = embedded.PretrainConfig(corpus_scale=0.05)
+    base = embedded.PretrainConfig(corpus_scale=0.05, polar_reviews=0)
     train, held = embedded._corpus_rows(base)
     train_p, held_p = embedded._corpus_rows(embedded.PretrainConfig(corpus_scale=0.05,
-                                                                    polar_reviews=50))
+                                                                    polar_reviews=1000))
     self.assertEqual([list(r) for r in held_p], [list(r) for r in held])  # same held-out
     self.assertLen(train_p, len(train) + 50)
     tok = data.load_tokenizer("tiny")

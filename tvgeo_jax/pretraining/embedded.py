@@ -42,7 +42,7 @@ CORPUS_SEED = 1000
 # The shipped base is package data at the package root (tvgeo_jax/assets/embedded_base).
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "assets", "embedded_base")
-VERSION = "v3"
+VERSION = "v4"  # v4: polarity-coherent reviews in the MLM corpus, 3,200 steps
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # <s> <pad> </s> <unk> <mask>
 PAD_ID = 1
 MASK_ID = 4
@@ -62,7 +62,7 @@ class PretrainConfig:
   """MLM recipe. Short blocks train fast; every ``long_every``-th step uses blocks of
   ``long_seq_len`` (same token count) so every position embedding fine-tuning uses is
   trained. Dropout is off while pretraining (the saved config keeps the model's 0.1)."""
-  steps: int = 1600
+  steps: int = 3200
   batch_size: int = 64
   seq_len: int = 32
   long_seq_len: int = 128
@@ -91,11 +91,13 @@ class PretrainConfig:
   # On pair rows every content token also predicts (a linear probe on its last-layer
   # state, discarded after pretraining) whether its word occurs in the other text.
   pair_match: bool = True
-  # Polarity signal: this many label-free, negation-free, polarity-coherent reviews
+  # Polarity signal: this many (times ``corpus_scale``) label-free, negation-free,
+  # polarity-coherent reviews
   # (``synthetic.polar_reviews``) join the MLM training texts (not the held-out texts,
   # not the tokenizer's corpus, not any task), so that masked-language modelling has a
-  # reason to separate the positive and negative adjectives (0: off).
-  polar_reviews: int = 0
+  # reason to separate the positive and negative adjectives (0: off). Base v4 uses
+  # 30,000: without them LoRA cannot learn sentiment (BUILD_NOTES, session 8).
+  polar_reviews: int = 30000
   # The share of those reviews' opinion clauses that are negated with the opposite
   # adjective, keeping the review's polarity ("not awful" in a positive review): MLM then
   # has to compose negation with polarity, as the sentiment tasks do (0: no negation).
@@ -153,8 +155,9 @@ def _corpus_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
   rows = tok([texts[i] for i in order], add_special_tokens=True)["input_ids"]
   n_eval = max(1, len(rows) // 20)
   train, held = rows[n_eval:], rows[:n_eval]
-  if cfg.polar_reviews:
-    extra = tok(synthetic.polar_reviews(cfg.polar_reviews, seed=CORPUS_SEED,
+  n_polar = int(round(cfg.polar_reviews * cfg.corpus_scale))
+  if n_polar:
+    extra = tok(synthetic.polar_reviews(n_polar, seed=CORPUS_SEED,
                                         negation=cfg.polar_negation),
                 add_special_tokens=True)["input_ids"]
     mixed = list(train) + list(extra)

@@ -78,7 +78,6 @@ class StudyPreset:
   multitask_methods: Tuple[str, ...] = ("lora_factor_average", "task_arithmetic", "ties")
   max_concurrent: Optional[int] = None  # tasks per concurrent fine-tuning group (None: all)
   merge_max_examples: Optional[int] = None  # merge study: test rows scored per model (None: all)
-  ovr_overrides: Tuple[Tuple[str, Any], ...] = ()  # one-vs-rest: training values on top
   seeds: int = 1   # runs per task and method (seed, seed + 1, ...): the seed noise floor
   seed_tasks: Optional[Tuple[str, ...]] = None  # the tasks that get ``seeds`` runs (None: all)
 
@@ -90,12 +89,11 @@ class StudyPreset:
 def _offline() -> StudyPreset:
   # Measured choices (BUILD_NOTES, "The offline study's budget"): groups of four tasks of
   # similar length idle less than one group of ten; 500 test rows per merged model keep
-  # δ paired (single and merged models on the same rows); authorship learns at scale 2
-  # (validation 320 rows).
+  # δ paired (single and merged models on the same rows).
   return StudyPreset(
       name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS), train_preset="offline",
       repr_task="synth_mrpc", ovr_task="synth_authorship", max_concurrent=4,
-      merge_max_examples=500, ovr_overrides=(("data_scale", 2.0),))
+      merge_max_examples=500)
 
 
 def _paper() -> StudyPreset:
@@ -116,8 +114,10 @@ PRESETS: Dict[str, Callable[[], StudyPreset]] = {
     "offline": _offline, "paper": _paper, "smoke": _smoke}
 
 
-def get_preset(name: str, seeds: Optional[int] = None) -> StudyPreset:
-  """A preset by name; ``seeds`` (≥ 1) overrides its number of seeds per task."""
+def get_preset(name: str, seeds: Optional[int] = None,
+               seed_tasks: Optional[Sequence[str]] = None) -> StudyPreset:
+  """A preset by name; ``seeds`` (≥ 1) overrides its number of seeds per task, on every
+  task or on ``seed_tasks`` only."""
   if name not in PRESETS:
     raise ValueError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
   preset = PRESETS[name]()
@@ -129,6 +129,12 @@ def get_preset(name: str, seeds: Optional[int] = None) -> StudyPreset:
                        "from the training seed, so each seed would fine-tune another base "
                        "(use the offline or paper preset).")
     preset = dataclasses.replace(preset, seeds=seeds, seed_tasks=None)  # every task
+  if seed_tasks:
+    unknown = sorted(set(seed_tasks) - set(preset.tasks))
+    if unknown:
+      raise ValueError(f"--seed_tasks {unknown} are not tasks of preset {name!r} "
+                       f"({', '.join(preset.tasks)}).")
+    preset = dataclasses.replace(preset, seed_tasks=tuple(seed_tasks))
   return preset
 
 
@@ -359,8 +365,7 @@ class Pipeline:
   def _one_vs_rest(self):
     p = self.preset
     out = os.path.join(self.out, "one_vs_rest")
-    res = one_vs_rest.run_study(p.ovr_task, out, model=p.model, preset=p.train_preset,
-                                overrides=dict(p.ovr_overrides))
+    res = one_vs_rest.run_study(p.ovr_task, out, model=p.model, preset=p.train_preset)
     md = os.path.join(out, "one_vs_rest.md")
     if os.path.exists(md):
       with open(md) as f:

@@ -59,7 +59,7 @@ _PRESETS = (
     # The offline study (issue 19, BUILD_NOTES): data scale 5 gives every task a
     # validation set of at least 200 (RTE: 2000 pool rows, 10%); 2 epochs (564 steps for
     # the largest tasks) fill the budget; the learning rates are tiny's (full FT 3e-4 on the
-    # v3 base; LoRA 3e-3: 1e-2 and 3e-2 learn less on synth_qnli).
+    # v3 base, kept for v4; LoRA 3e-3: 1e-2 and 3e-2 learn less on synth_qnli).
     Preset("offline", "tiny", values=dict(epochs=2, patience=1, data_scale=5.0, **_QUIET)),
     # The pipeline's plumbing in about a minute (tiny-random, three tasks).
     Preset("smoke", "tiny", values=dict(epochs=1, patience=0, data_scale=0.1, max_seq_len=32,
