@@ -114,6 +114,29 @@ class DistanceFindingsTest(absltest.TestCase):
     self.assertEqual(f["verdict"], "not evaluated: near chance — sst2/lora")
     self.assertLess(f["tests"][0]["p_value"], 0.05)    # the test is kept, not the verdict
 
+  def test_the_grouping_is_also_judged_on_the_tasks_above_chance(self):
+    rng = np.random.default_rng(3)
+    tasks = TASKS + ["rte", "mrpc"]
+    arrays, names = _planted(rng, tasks, 1, family_gap=10.0, seed_noise=0.0)
+    ev = evidence.not_evaluated(["rte/lora", "sst2/lora"], {"rte/lora": 0.5, "sst2/lora": 0.9},
+                                {"rte/lora": 0.5, "sst2/lora": 0.5})
+    s = distance_study.distance_findings(arrays, names, method="lora", evaluability=ev)
+    self.assertEqual(s["learnt_tasks"], [t for t in tasks if t != "rte"])
+    first, learnt = s["findings"][0], s["findings"][1]
+    self.assertFalse(first["evaluated"])
+    self.assertTrue(learnt["evaluated"])
+    self.assertIn("the 7 tasks above chance", learnt["claim"])
+    # The same numbers as the study run on the seven tasks alone.
+    keep = [i for i, n in enumerate(names) if n != "rte"]
+    alone = distance_study.distance_findings(
+        {k: (np.asarray(v)[np.ix_(keep, keep)] if k in evidence.distance_keys(arrays) else v)
+         for k, v in arrays.items()}, [names[i] for i in keep], method="lora")
+    self.assertEqual(learnt["tests"][0]["p_value"], alone["findings"][0]["tests"][0]["p_value"])
+    self.assertEqual(learnt["measured"].split(":", 1)[1], alone["findings"][0]["measured"]
+                     .split(":", 1)[1])
+    self.assertTrue(learnt["verdict"].startswith("grouping share, cosine (query, the 7 tasks "
+                                                 "above chance): "), learnt["verdict"])
+
 
 class FindingTest(absltest.TestCase):
 

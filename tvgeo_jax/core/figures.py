@@ -9,6 +9,7 @@ computed; ``save_figure`` writes a figure atomically.
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Optional, Sequence
 
 import matplotlib
@@ -140,8 +141,9 @@ def save_figure(fig, path: str, dpi: int = 120) -> None:
 
 
 def panels(n: int, title: Optional[str] = None, size: float = 4.0):
-  """A figure with ``n`` side-by-side axes (always a list)."""
+  """A figure with ``n`` side-by-side axes (always a list); a long ``title`` is wrapped
+  to the figure's width (about 11 characters per inch at the default font size)."""
   fig, axes = plt.subplots(1, n, figsize=(size * n, size), squeeze=False)
   if title:
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, width=max(20, int(11 * size * n))))
   return fig, list(axes[0])

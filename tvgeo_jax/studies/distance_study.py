@@ -38,10 +38,74 @@ def has_seeds(names: Sequence[str]) -> bool:
   return len(set(tasks)) < len(tasks)
 
 
+def learnt_runs(names: Sequence[str], evaluability: Optional[evidence.Evaluability]
+                ) -> List[int]:
+  """Indices of the runs whose task has no near-chance model (by ``evaluability``'s
+  model keys ``task[#k]/method``): the rows a finding may rest on."""
+  near = set() if evaluability is None else {
+      evidence.task_of(str(k).split("/")[0]) for k in evaluability.near_chance}
+  return [i for i, n in enumerate(names) if evidence.task_of(n) not in near]
+
+
+def _grouping(arrays, names, module, seeds, n_permutations, suffix=""):
+  """Per metric of ``module``: the grouping row (share, chance, p-value, seed floor)."""
+  fam_of_task = {evidence.task_of(n): f for n, f in zip(names, evidence.paper_families(names))}
+  rows: Dict[str, Dict[str, Any]] = {}
+  for metric in METRICS:
+    key = f"{module}/product/{metric}"
+    if key not in arrays:
+      continue
+    d_runs = _layer_mean(arrays[key])
+    d, tasks = evidence.task_mean_matrix(d_runs, names) if seeds else (d_runs, names)
+    g = findings_lib.group_agreement(d, tasks)
+    test = evidence.safe_test(evidence.grouping_test, d, evidence.paper_families(tasks),
+                              n_permutations)
+    if test is not None:
+      test = dataclasses.replace(test, name=f"grouping share, {metric} ({module}{suffix})")
+    row = {"module": module, "metric": metric, "share": g["share"], "chance": g["chance"],
+           "per_group": findings_lib.describe_groups(g),
+           "test": None if test is None else test.to_dict()}
+    floor = None
+    if seeds:
+      try:
+        floor = evidence.clears_floor(d_runs, names, fam_of_task)
+        row["seed_floor"] = {"floor": floor.floor,
+                             "between_family_mean": floor.between_family_mean,
+                             "share_above": floor.share_above, "clears": floor.clears}
+      except ValueError:
+        pass
+    rows[metric] = dict(row, _test=test, _floor=floor)
+  return rows
+
+
+def _cosine_vs_l2(row_of, module, method, evaluability, what=""):
+  cos, l2 = row_of.get("cosine"), row_of.get("l2")
+  if not (cos and l2):
+    return None
+  tests = tuple(t for t in (cos["_test"], l2["_test"]) if t is not None)
+  measured = (f"{module}{what}: grouping share cosine {cos['share']:.2f} vs L2 "
+              f"{l2['share']:.2f} (chance {cos['chance']:.2f}); cosine groups better than L2 "
+              f"by {cos['share'] - l2['share']:+.2f}")
+  if cos["_floor"] is not None:
+    f = cos["_floor"]
+    measured += (f"; cosine seed floor {f.floor:.3g} vs mean between-family distance "
+                 f"{f.between_family_mean:.3g} ({100 * f.share_above:.0f}% of "
+                 "between-family pairs above it)")
+  return evidence.Finding(
+      claim=f"(paper A: cosine groups related tasks, L2 does not; {method}, {module}{what})",
+      measured=measured, tests=tests, evaluability=evaluability, floor=cos["_floor"],
+      untested="no paper family has two of these tasks").to_dict()
+
+
 def distance_findings(arrays: Mapping[str, Any], names: Sequence[str], *, method: str = "",
                       evaluability: Optional[evidence.Evaluability] = None,
                       n_permutations: int = evidence.DEFAULT_PERMUTATIONS) -> Dict[str, Any]:
-  """The summary of one distance step (see the module docstring)."""
+  """The summary of one distance step (see the module docstring).
+
+  Where some models are near chance, the grouping finding on every task is "not
+  evaluated"; it is then also computed on the tasks whose models learnt (``learnt_runs``,
+  at least four tasks), as a finding of its own.
+  """
   names = [str(n) for n in names]
   seeds = has_seeds(names)
   modules = list(dict.fromkeys(k.split("/")[0] for k in evidence.distance_keys(arrays)))
@@ -49,49 +113,30 @@ def distance_findings(arrays: Mapping[str, Any], names: Sequence[str], *, method
                          "figure4": [], "findings": []}
   if seeds:
     out["seed_floor"] = {k: v.to_dict() for k, v in evidence.seed_floors(arrays, names).items()}
-  fam_of_task = {evidence.task_of(n): f for n, f in zip(names, evidence.paper_families(names))}
+  keep = learnt_runs(names, evaluability)
+  kept = [names[i] for i in keep]
+  restrict = (evaluability is not None and not evaluability.evaluated
+              and len({evidence.task_of(n) for n in kept}) >= 4)
+  if restrict:
+    sub = {k: (np.asarray(v)[np.ix_(keep, keep)] if k in evidence.distance_keys(arrays) else v)
+           for k, v in arrays.items()}
+    out["learnt_tasks"] = list(dict.fromkeys(evidence.task_of(n) for n in kept))
   for module in modules:
-    row_of: Dict[str, Dict[str, Any]] = {}
-    for metric in METRICS:
-      key = f"{module}/product/{metric}"
-      if key not in arrays:
-        continue
-      d_runs = _layer_mean(arrays[key])
-      d, tasks = evidence.task_mean_matrix(d_runs, names) if seeds else (d_runs, names)
-      g = findings_lib.group_agreement(d, tasks)
-      test = evidence.safe_test(evidence.grouping_test, d, evidence.paper_families(tasks),
-                                n_permutations)
-      if test is not None:
-        test = dataclasses.replace(test, name=f"grouping share, {metric} ({module})")
-      row = {"module": module, "metric": metric, "share": g["share"], "chance": g["chance"],
-             "per_group": findings_lib.describe_groups(g),
-             "test": None if test is None else test.to_dict()}
-      floor = None
-      if seeds:
-        try:
-          floor = evidence.clears_floor(d_runs, names, fam_of_task)
-          row["seed_floor"] = {"floor": floor.floor,
-                               "between_family_mean": floor.between_family_mean,
-                               "share_above": floor.share_above, "clears": floor.clears}
-        except ValueError:
-          pass
-      row_of[metric] = dict(row, _test=test, _floor=floor)
-      out["grouping"].append(row)
-    cos, l2 = row_of.get("cosine"), row_of.get("l2")
-    if cos and l2:
-      tests = tuple(t for t in (cos["_test"], l2["_test"]) if t is not None)
-      measured = (f"{module}: grouping share cosine {cos['share']:.2f} vs L2 {l2['share']:.2f} "
-                  f"(chance {cos['chance']:.2f}); cosine groups better than L2 by "
-                  f"{cos['share'] - l2['share']:+.2f}")
-      if cos["_floor"] is not None:
-        f = cos["_floor"]
-        measured += (f"; cosine seed floor {f.floor:.3g} vs mean between-family distance "
-                     f"{f.between_family_mean:.3g} ({100 * f.share_above:.0f}% of "
-                     "between-family pairs above it)")
-      out["findings"].append(evidence.Finding(
-          claim=f"(paper A: cosine groups related tasks, L2 does not; {method}, {module})",
-          measured=measured, tests=tests, evaluability=evaluability, floor=cos["_floor"],
-          untested="no paper family has two of these tasks").to_dict())
+    row_of = _grouping(arrays, names, module, seeds, n_permutations)
+    out["grouping"].extend({k: v for k, v in r.items() if not k.startswith("_")}
+                           for r in row_of.values())
+    finding = _cosine_vs_l2(row_of, module, method, evaluability)
+    if finding:
+      out["findings"].append(finding)
+    if restrict:
+      what = f", the {len(out['learnt_tasks'])} tasks above chance"
+      rows = _grouping(sub, kept, module, has_seeds(kept), n_permutations, what)
+      out.setdefault("grouping_learnt", []).extend(
+          {k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values())
+      finding = _cosine_vs_l2(rows, module, method, evidence.Evaluability(
+          evaluated=True, near_chance=(), rule=evaluability.rule), what)
+      if finding:
+        out["findings"].append(finding)
   for module in modules:
     keys = [f"{module}/{f}/cosine" for f in ("a", "b", "product")]
     if not all(k in arrays for k in keys):

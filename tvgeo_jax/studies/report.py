@@ -232,6 +232,10 @@ def distances_section(pipe) -> List[Block]:
     if s.get("seeds"):
       header.append("seed floor / between-family mean")
     blocks.append(("table", header, rows))
+    if s.get("learnt_tasks"):
+      blocks.append(("p", "Some models are near chance, so each grouping finding is also "
+                          "judged on the tasks whose models learnt: "
+                          + ", ".join(s["learnt_tasks"]) + "."))
     blocks += finding_blocks(s.get("findings", [])[:-1] if s.get("figure4")
                              else s.get("findings", []))
     if s.get("seed_floor"):
