@@ -155,6 +155,13 @@ class FindingTest(absltest.TestCase):
 
 class SeedsPlanTest(absltest.TestCase):
 
+  def test_the_headline_names_the_seed_of_a_repeated_task(self):
+    runs = [{"task": t, "config": {"seed": k}, "main_metric": "accuracy",
+             "metrics": {"test": {"accuracy": a}}}
+            for t, k, a in (("qnli", 0, 0.893), ("qnli", 1, 0.82), ("sst2", 0, 0.97))]
+    self.assertEqual(reproduce.finetune_headline(runs), "test main metric ×100: qnli (seed 1) "
+                     "82.0, qnli (seed 0) 89.3, sst2 97.0")
+
   def test_seed_tasks_get_the_seeds_and_the_other_tasks_one_run(self):
     preset = dataclasses.replace(reproduce.get_preset("smoke"), model="embedded", seeds=2,
                                  seed_tasks=("synth_yelp",))

@@ -26,6 +26,7 @@ three-task cut-down used by the tests).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -395,8 +396,10 @@ def _own_lines_only():
 
 def finetune_headline(results: Sequence[Mapping[str, Any]]) -> str:
   """One line for a fine-tuning step: each run's test main metric (×100), lowest first."""
-  scored = sorted((r["metrics"]["test"][r.get("main_metric", "accuracy")], r["task"])
-                  for r in results)
+  counts = collections.Counter(r["task"] for r in results)
+  scored = sorted((r["metrics"]["test"][r.get("main_metric", "accuracy")],
+                   r["task"] + (f" (seed {r['config']['seed']})" if counts[r["task"]] > 1
+                                else "")) for r in results)
   return "test main metric ×100: " + ", ".join(f"{task} {100 * v:.1f}" for v, task in scored)
 
 
