@@ -158,7 +158,11 @@ def _opinion(r: random.Random, noun: str, effective: int, tense: str = "is",
   neg = r.random() < negation
   adj = pick(r, POS_ADJ if effective ^ neg else NEG_ADJ)
   intens = pick(r, INTENS) + " " if r.random() < 0.35 else ""
-  form = r.randrange(4)
+  return _clause(r.randrange(4), noun, tense, adj, intens, neg)
+
+
+def _clause(form: int, noun: str, tense: str, adj: str, intens: str, neg: bool) -> str:
+  """One of the four opinion-clause forms (0-3), negated or not."""
   if form == 0:
     return f"{noun} {tense} {'not ' if neg else ''}{intens}{adj}"
   if form == 1:
@@ -259,14 +263,8 @@ def _polar_clause(r: random.Random, noun: str, polarity: int, negation: float = 
   intens = pick(r, INTENS) + " " if r.random() < 0.35 else ""
   tense = pick(r, ["is", "was"])
   form = r.randrange(5)
-  if form == 0:
-    return f"{noun} {tense} {intens}{adj} ."
-  if form == 1:
-    return f"i thought {noun} {tense} {intens}{adj} ."
-  if form == 2:
-    return f"{noun} {tense} always {intens}{adj} ."
-  if form == 3:
-    return f"everyone would call {noun} {intens}{adj} ."
+  if form < 4:
+    return _clause(form, noun, tense, adj, intens, neg=False) + " ."
   return f"{noun} {tense} {adj} and {_distinct(r, lambda: pick(r, lex), [adj])} ."
 
 
