@@ -91,6 +91,7 @@ def plot_pca(ax, d: np.ndarray, labels: Sequence[str], title: str = "",
   if groups is not None or any(len(idx) > 1 for idx in seeds.values()):
     ax.legend(fontsize=7, title=None if groups is None else "paper A family",
               title_fontsize=7, loc="best")
+  ax.margins(0.15)  # room inside the axes for the labels adjustText moves
   texts = [ax.text(coords[idx[0], 0], coords[idx[0], 1], task, fontsize=7)
            for task, idx in seeds.items()]
   ax.set_title(title, fontsize=9)
