@@ -269,6 +269,11 @@ def default_group_dir(run_dirs: Sequence[str], method: str) -> str:
 
 # --- the group run ----------------------------------------------------------------------
 
+def _check_one_per_config(configs, run_dirs, data, caller: str) -> None:
+  if len(configs) != len(run_dirs) or (data is not None and len(data) != len(configs)):
+    raise ValueError(f"{caller} needs one run directory (and data) per config.")
+
+
 def finetune_group(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
                    data: Optional[Sequence[TaskData]] = None,
                    group_dir: Optional[str] = None, overwrite: bool = False,
@@ -279,8 +284,7 @@ def finetune_group(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
   Members already finished are returned as they are (unless ``overwrite``); the rest
   train in one group. See the module docstring for what is shared and what is not.
   """
-  if len(configs) != len(run_dirs) or (data is not None and len(data) != len(configs)):
-    raise ValueError("finetune_group needs one run directory (and data) per config.")
+  _check_one_per_config(configs, run_dirs, data, "finetune_group")
   configs = list(configs)
   for c in configs:
     c.validate()
@@ -331,13 +335,11 @@ class _GroupTrainer:
     os.makedirs(group_dir, exist_ok=True)
     self._lock.acquire()
     self.members: List[_Member] = []
+    self.ckpts: Optional[ckpt_lib.RunCheckpoints] = None
     try:
       self._set_up_members(configs, run_dirs, datas, bases, overwrite, max_concurrent, mesh)
     except BaseException:  # refused (e.g. different bases): release what was taken
-      for m in self.members:
-        m.best.close()
-        m.guard.release()
-      self._lock.release()
+      self.close()
       if created and not os.listdir(group_dir):
         os.rmdir(group_dir)
       raise
@@ -666,7 +668,8 @@ class _GroupTrainer:
       m.best.close()
       if m.guard is not None:
         m.guard.release()
-    self.ckpts.close()
+    if self.ckpts is not None:
+      self.ckpts.close()
     self._lock.release()
 
 
@@ -723,8 +726,7 @@ def finetune_many(configs: Sequence[TrainConfig], run_dirs: Sequence[str], *,
   given. ``data``: a member's ``TaskData`` (None entries are built from the config)."""
   if max_concurrent is not None and max_concurrent < 1:
     raise ValueError(f"--max_concurrent must be >= 1, got {max_concurrent}.")
-  if len(configs) != len(run_dirs) or (data is not None and len(data) != len(configs)):
-    raise ValueError("finetune_many needs one run directory (and data) per config.")
+  _check_one_per_config(configs, run_dirs, data, "finetune_many")
   n = len(configs)
   datas: List[Optional[TaskData]] = list(data) if data is not None else [None] * n
   k = max_concurrent or n
