@@ -118,8 +118,7 @@ def distance_findings(arrays: Mapping[str, Any], names: Sequence[str], *, method
   restrict = (evaluability is not None and not evaluability.evaluated
               and len({evidence.task_of(n) for n in kept}) >= 4)
   if restrict:
-    sub = {k: (np.asarray(v)[np.ix_(keep, keep)] if k in evidence.distance_keys(arrays) else v)
-           for k, v in arrays.items()}
+    sub = evidence.select_runs(arrays, keep)
     out["learnt_tasks"] = list(dict.fromkeys(evidence.task_of(n) for n in kept))
   for module in modules:
     row_of = _grouping(arrays, names, module, seeds, n_permutations)

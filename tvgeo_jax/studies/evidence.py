@@ -149,6 +149,14 @@ def distance_keys(arrays: Mapping[str, Any]) -> List[str]:
           and k.split("/")[2] != "rank" and np.ndim(v) == 3]
 
 
+def select_runs(arrays: Mapping[str, Any], keep: Sequence[int]) -> Dict[str, Any]:
+  """``arrays`` with every distance (``distance_keys``) restricted to the runs ``keep``
+  (rows and columns); other entries as they are."""
+  keys = set(distance_keys(arrays))
+  return {k: (np.asarray(v)[np.ix_(keep, keep)] if k in keys else v)
+          for k, v in arrays.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class FloorCheck:
   """Between-family distances against the seed floor (see the module docstring)."""

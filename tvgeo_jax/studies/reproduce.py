@@ -346,9 +346,7 @@ class Pipeline:
     the merge study merged) against the merge study's δ."""
     arrays, names = merge_prediction.read_distances(os.path.join(self.out, "distances", "lora"))
     keep = [i for i, n in enumerate(names) if "#" not in n]
-    keys = set(evidence.distance_keys(arrays))
-    arrays = {k: (np.asarray(v)[np.ix_(keep, keep)] if k in keys else v)
-              for k, v in arrays.items()}
+    arrays = evidence.select_runs(arrays, keep)
     pairs = merge_prediction.read_merge_pairs(os.path.join(self.out, "merge"))
     merge_prediction.run_prediction(arrays, [names[i] for i in keep], pairs,
                                     os.path.join(self.out, "prediction"))
