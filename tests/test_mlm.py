@@ -120,8 +120,8 @@ class EmbeddedBaseTest(absltest.TestCase):
   def test_polar_reviews_join_the_training_texts_only(self):
     base = embedded.PretrainConfig(corpus_scale=0.05, polar_reviews=0)
     train, held = embedded._corpus_rows(base)
-    train_p, held_p = embedded._corpus_rows(embedded.PretrainConfig(corpus_scale=0.05,
-                                                                    polar_reviews=1000))
+    train_p, held_p = embedded._training_rows(embedded.PretrainConfig(corpus_scale=0.05,
+                                                                      polar_reviews=1000))
     self.assertEqual([list(r) for r in held_p], [list(r) for r in held])  # same held-out
     self.assertLen(train_p, len(train) + 50)
     tok = data.load_tokenizer("tiny")

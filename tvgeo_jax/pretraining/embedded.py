@@ -154,12 +154,18 @@ def _corpus_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
   order = np.random.RandomState(cfg.seed).permutation(len(texts))
   rows = tok([texts[i] for i in order], add_special_tokens=True)["input_ids"]
   n_eval = max(1, len(rows) // 20)
-  train, held = rows[n_eval:], rows[:n_eval]
+  return rows[n_eval:], rows[:n_eval]
+
+
+def _training_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
+  """``_corpus_rows`` with the polar reviews (``cfg.polar_reviews`` × ``corpus_scale``)
+  mixed into the training rows in a seeded order; the held-out rows are the corpus's."""
+  train, held = _corpus_rows(cfg, tokenizer)
   n_polar = int(round(cfg.polar_reviews * cfg.corpus_scale))
   if n_polar:
-    extra = tok(synthetic.polar_reviews(n_polar, seed=CORPUS_SEED,
-                                        negation=cfg.polar_negation),
-                add_special_tokens=True)["input_ids"]
+    extra = load_tokenizer(tokenizer)(
+        synthetic.polar_reviews(n_polar, seed=CORPUS_SEED, negation=cfg.polar_negation),
+        add_special_tokens=True)["input_ids"]
     mixed = list(train) + list(extra)
     train = [mixed[i] for i in np.random.RandomState(cfg.seed + 2).permutation(len(mixed))]
   return train, held
@@ -328,7 +334,7 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
     raise ValueError(f"long_seq_len={cfg.long_seq_len} needs {cfg.long_seq_len + 2} positions; "
                      f"the model has {config.max_position_embeddings}.")
   train_config = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  train_rows, held_rows = _corpus_rows(cfg)
+  train_rows, held_rows = _training_rows(cfg)
   order_rng = np.random.RandomState(cfg.seed)
   pack = pack_aligned if cfg.aligned_blocks or cfg.cls_targets else pack_corpus
   short = _BlockSampler(pack(train_rows, cfg.seq_len), cfg.batch_size, order_rng)
