@@ -72,10 +72,10 @@ def plot_pca(ax, d: np.ndarray, labels: Sequence[str], title: str = "",
   d = _check_square(d, labels)
   coords = pca_coordinates(d)
   seeds = seed_groups(labels)
-  for idx in seeds.values():
-    if len(idx) > 1:
-      ax.plot(coords[idx, 0], coords[idx, 1], color="0.55", lw=0.9, zorder=1)
-  if any(len(idx) > 1 for idx in seeds.values()):
+  repeated = [idx for idx in seeds.values() if len(idx) > 1]
+  for idx in repeated:
+    ax.plot(coords[idx, 0], coords[idx, 1], color="0.55", lw=0.9, zorder=1)
+  if repeated:
     ax.plot([], [], color="0.55", lw=0.9, label="seeds of one task")
   if groups is None:
     ax.scatter(coords[:, 0], coords[:, 1], s=30, zorder=2)
@@ -88,7 +88,7 @@ def plot_pca(ax, d: np.ndarray, labels: Sequence[str], title: str = "",
       idx = [k for k, g in enumerate(groups) if (g or "other") == name]
       ax.scatter(coords[idx, 0], coords[idx, 1], s=34, zorder=2,
                  color="0.6" if name == "other" else cmap(c % cmap.N), label=name)
-  if groups is not None or any(len(idx) > 1 for idx in seeds.values()):
+  if groups is not None or repeated:
     ax.legend(fontsize=7, title=None if groups is None else "paper A family",
               title_fontsize=7, loc="best")
   ax.margins(0.15)  # room inside the axes for the labels adjustText moves
