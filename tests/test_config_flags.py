@@ -50,7 +50,7 @@ class ConfigFlagsTest(absltest.TestCase):
                ("full", "lora", "bottleneck")}
     self.assertEqual({m: (c.epochs, c.patience, c.data_scale, c.learning_rate, c.progress)
                       for m, c in offline.items()},
-                     {"full": (2, 1, 5.0, 3e-4, False), "lora": (2, 1, 5.0, 3e-3, False),
+                     {"full": (2, 1, 5.0, 1e-3, False), "lora": (2, 1, 5.0, 3e-3, False),
                       "bottleneck": (2, 1, 5.0, 3e-3, False)})
     with self.assertRaisesRegex(ValueError, "Unknown preset 'nope'; valid presets: paper"):
       presets.resolve("synth_sst2", "lora", "tiny", "nope")
