@@ -116,6 +116,16 @@ class DryRunTest(absltest.TestCase):
     self.assertIn('"num_runs": 21', out.stdout)
     self.assertRegex(out.stdout, r'"total_pflops_upper_bound": \d+')
 
+  def test_offline_plan_counts_the_synthetic_rows_it_trains_on(self):
+    plan = reproduce.dry_run_plan(reproduce.get_preset("offline"))
+    run = next(r for r in plan["runs"] if r["task"] == "synth_cola" and r["method"] == "full")
+    cfg = reproduce.get_preset("offline").train_config("synth_cola", "full")
+    raw = data.load_task_data("synth_cola", seed=cfg.seed, scale=cfg.data_scale)
+    n = len(raw["train"][0])
+    self.assertLessEqual(abs(run["train_examples"] - n), 2)   # the generator rounds per class
+    self.assertEqual(run["max_steps"], cfg.epochs * -(-run["train_examples"] // 32))
+    self.assertLess(run["max_steps"], 300)   # 4,050 rows, not CoLA's real 8,551 × 0.9
+
   def test_unknown_preset(self):
     with self.assertRaisesRegex(ValueError, "Unknown preset 'x'; choose one of offline"):
       reproduce.get_preset("x")
