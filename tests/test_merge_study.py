@@ -95,6 +95,22 @@ class MergeStudyTest(absltest.TestCase):
       merge_study.run_study(self.srcs, self.out, "lora_avg", analyses=("pairs",),
                             score="neg_loss", figures=False, max_examples=16)
 
+  def test_without_the_averaging_comparison_only_the_chosen_grid_is_scored(self):
+    out = os.path.join(self.dir, "factor_only")
+    res = merge_study.run_study(self.srcs, out, "lora_avg", analyses=("pairs",),
+                                score="neg_loss", figures=False, max_examples=16,
+                                compare_lora_averaging=False)
+    self.assertEqual(list(res["pairs"]), ["lora_factor_average"])
+    self.assertFalse(os.path.exists(os.path.join(out, "lora_merges.md")))
+    self.assertFalse(os.path.exists(os.path.join(out, "pairs_lora_product_average.json")))
+    t = len(self.srcs)
+    self.assertEqual(res["evaluations"], t + t * (t - 1))   # singles + one grid's pairs
+    s0, s1 = self.srcs[0], self.srcs[1]
+    direct = evaluation.evaluate(merging.lora_factor_average([s0.params, s1.params]), s0.config,
+                                 merge_study.train_configs([s0])[0], "test", max_examples=16)
+    self.assertAlmostEqual(res["pairs"]["lora_factor_average"]["merged"][0][1],
+                           -direct["loss"], places=5)
+
   def test_table_entries_equal_scipy_spearman(self):
     grid = io_utils.read_json(os.path.join(self.out, "pairs_lora_factor_average.json"))
     delta = np.asarray(grid["delta"])

@@ -568,7 +568,7 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
               multitask_methods: Optional[Sequence[str]] = None, seed: int = 0,
               top_k: Optional[int] = None, chunk_size: Optional[int] = evaluation.DEFAULT_CHUNK,
               figures: bool = True, max_examples: Optional[int] = None,
-              **kw) -> Dict[str, Any]:
+              compare_lora_averaging: bool = True, **kw) -> Dict[str, Any]:
   """Run the chosen analyses and write them under ``out_dir``.
 
   Files: ``pairs_{method}.json`` (scores, δ, distances, Spearman tables),
@@ -576,6 +576,9 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
   with both LoRA averagings available, ``lora_merges.md`` compares factor and
   product averaging; ``ties.json`` (sign conflicts), ``topk.json``,
   ``multitask.json`` and their PNGs; ``cache/evaluations.json`` (resumption).
+  ``compare_lora_averaging``: with a LoRA averaging and LoRA runs, also the other
+  averaging's pair grid and ``lora_merges.md`` (False: only ``method``'s grid, half the
+  pair evaluations).
   ``max_examples``: every model (single and merged alike) is scored on the same first
   ``max_examples`` of each test split (whole eval batches), so δ stays paired while a
   large synthetic test split costs less; None scores the whole split.
@@ -596,7 +599,8 @@ def run_study(srcs: Sequence[sources.Source], out_dir: str, method: str = "lora_
   if "pairs" in analyses:
     columns = distance_columns(srcs, modules, top_k=top_k)
     pair_methods = [method]
-    if method in ("lora_factor_average", "lora_product_average") and all_lora:
+    if (compare_lora_averaging and all_lora
+        and method in ("lora_factor_average", "lora_product_average")):
       # both LoRA averagings, side by side
       pair_methods = ["lora_factor_average", "lora_product_average"]
       pair_methods.sort(key=lambda m: m != method)
