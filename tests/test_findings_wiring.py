@@ -16,7 +16,8 @@ import numpy as np
 
 from tvgeo_jax import geometry
 from tvgeo_jax.core import figures, io_utils
-from tvgeo_jax.studies import distance_study, evidence, merge_prediction, report, reproduce
+from tvgeo_jax.studies import distance_study, evidence, merge_prediction, merge_study, report
+from tvgeo_jax.studies import reproduce
 
 
 def _euclidean(points):
@@ -138,6 +139,51 @@ class DistanceFindingsTest(absltest.TestCase):
                                                  "above chance): "), learnt["verdict"])
 
 
+class Table3LearntTest(absltest.TestCase):
+
+  def test_table3_is_also_judged_on_the_tasks_above_chance(self):
+    rng = np.random.default_rng(4)
+    names = [f"synth_t{k}" for k in range(7)]
+    x = rng.normal(size=(7, 3))
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    cols = {"l2": d + rng.normal(scale=0.5, size=d.shape), "cos": d, "d_G": d ** 2}
+    delta = 0.1 * d + 0.001 * rng.normal(size=d.shape)
+    delta[0] = rng.normal(size=7)                    # a task that did not learn
+    np.fill_diagonal(delta, np.nan)
+    distances = {"query": cols}
+    grid = {"task_names": names, "delta": delta.tolist(), "distances": distances,
+            "spearman": merge_study.interference_tables(delta, distances, names)}
+    ev = evidence.not_evaluated(["synth_t0/lora", "synth_t1/lora"],
+                                {"synth_t0/lora": 0.51, "synth_t1/lora": 0.9},
+                                {"synth_t0/lora": 0.5, "synth_t1/lora": 0.5})
+    found = merge_study.study_findings({"pairs": {"lora_factor_average": grid}}, ev,
+                                       n_permutations=999)
+    first, learnt = found[0], found[1]
+    self.assertFalse(first["evaluated"])
+    self.assertTrue(learnt["evaluated"])
+    self.assertIn("query, the 6 tasks above chance", learnt["claim"])
+    # The same numbers as the study on the six learnt tasks alone.
+    keep = list(range(1, 7))
+    ix = np.ix_(keep, keep)
+    sub_cols = {"query": {c: v[ix] for c, v in cols.items()}}
+    alone = {"task_names": names[1:], "delta": delta[ix].tolist(), "distances": sub_cols,
+             "spearman": merge_study.interference_tables(delta[ix], sub_cols, names[1:])}
+    ref = merge_study.study_findings({"pairs": {"lora_factor_average": alone}},
+                                     n_permutations=999)[0]
+    self.assertEqual(learnt["measured"], ref["measured"])
+    self.assertEqual([t["p_value"] for t in learnt["tests"]],
+                     [t["p_value"] for t in ref["tests"]])
+    self.assertEqual(learnt["tests"][-1]["name"],
+                     "mean ρ_cos − ρ_l2 (query, the 6 tasks above chance)")
+    self.assertLess(learnt["tests"][0]["p_value"], 0.05)   # δ follows the cosine here
+    # Too few learnt tasks: no second finding.
+    few = evidence.not_evaluated([f"synth_t{k}/lora" for k in range(4)],
+                                 {f"synth_t{k}/lora": 0.5 for k in range(4)},
+                                 {f"synth_t{k}/lora": 0.5 for k in range(4)})
+    self.assertLen(merge_study.study_findings({"pairs": {"lora_factor_average": grid}}, few,
+                                              n_permutations=99), 1)
+
+
 class FindingTest(absltest.TestCase):
 
   def test_verdict_comes_from_the_p_value_only(self):
@@ -151,6 +197,15 @@ class FindingTest(absltest.TestCase):
                      "descriptive (no test: n < 3)")
     d = evidence.Finding("c", "m", (t2,)).to_dict()
     self.assertEqual((d["tests"][0]["p_value"], d["tests"][0]["level"]), (0.01, 0.05))
+    # In the report's test table a finding that is not evaluated says so beside its test.
+    ev = evidence.Evaluability(evaluated=False, near_chance=("rte/lora",), rule="r")
+    blocks = report.finding_blocks([d, evidence.Finding("c", "m", (t2,), evaluability=ev)
+                                    .to_dict()])
+    table = blocks[-1][2]
+    self.assertEqual(table[0][-1], "shown (p = 0.01 < 0.05)")
+    self.assertEqual(table[1][-1], "not evaluated (near chance; the test alone: shown "
+                                   "(p = 0.01 < 0.05))")
+    self.assertIn("not evaluated: near chance — rte/lora", blocks[1][1])
 
 
 class SeedsPlanTest(absltest.TestCase):

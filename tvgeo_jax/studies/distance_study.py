@@ -38,15 +38,6 @@ def has_seeds(names: Sequence[str]) -> bool:
   return len(set(tasks)) < len(tasks)
 
 
-def learnt_runs(names: Sequence[str], evaluability: Optional[evidence.Evaluability]
-                ) -> List[int]:
-  """Indices of the runs whose task has no near-chance model (by ``evaluability``'s
-  model keys ``task[#k]/method``): the rows a finding may rest on."""
-  near = set() if evaluability is None else {
-      evidence.task_of(str(k).split("/")[0]) for k in evaluability.near_chance}
-  return [i for i, n in enumerate(names) if evidence.task_of(n) not in near]
-
-
 def _grouping(arrays, names, module, seeds, n_permutations, suffix=""):
   """Per metric of ``module``: the grouping row (share, chance, p-value, seed floor)."""
   fam_of_task = {evidence.task_of(n): f for n, f in zip(names, evidence.paper_families(names))}
@@ -103,7 +94,7 @@ def distance_findings(arrays: Mapping[str, Any], names: Sequence[str], *, method
   """The summary of one distance step (see the module docstring).
 
   Where some models are near chance, the grouping finding on every task is "not
-  evaluated"; it is then also computed on the tasks whose models learnt (``learnt_runs``,
+  evaluated"; it is then also computed on the tasks whose models learnt (``evidence.learnt_runs``,
   at least four tasks), as a finding of its own.
   """
   names = [str(n) for n in names]
@@ -113,10 +104,10 @@ def distance_findings(arrays: Mapping[str, Any], names: Sequence[str], *, method
                          "figure4": [], "findings": []}
   if seeds:
     out["seed_floor"] = {k: v.to_dict() for k, v in evidence.seed_floors(arrays, names).items()}
-  keep = learnt_runs(names, evaluability)
+  keep = evidence.learnt_runs(names, evaluability)
   kept = [names[i] for i in keep]
   restrict = (evaluability is not None and not evaluability.evaluated
-              and len({evidence.task_of(n) for n in kept}) >= 4)
+              and len({evidence.task_of(n) for n in kept}) >= evidence.MIN_LEARNT_TASKS)
   if restrict:
     sub = evidence.select_runs(arrays, keep)
     out["learnt_tasks"] = list(dict.fromkeys(evidence.task_of(n) for n in kept))

@@ -491,6 +491,17 @@ class Evaluability:
         "not evaluated: near chance — " + ", ".join(self.near_chance))
 
 
+MIN_LEARNT_TASKS = 4  # a finding judged on the learnt tasks alone needs at least this many
+
+
+def learnt_runs(names: Sequence[str], evaluability: Optional[Evaluability]) -> List[int]:
+  """Indices of the runs (``task[#k]``) whose task has no near-chance model (by
+  ``evaluability``'s model keys ``task[#k]/method``): the rows a finding may rest on."""
+  near = set() if evaluability is None else {
+      task_of(str(k).split("/")[0]) for k in evaluability.near_chance}
+  return [i for i, n in enumerate(names) if task_of(n) not in near]
+
+
 def not_evaluated(models: Sequence[str], scores: Mapping[str, float],
                   chance: Mapping[str, float], margin: float = CHANCE_MARGIN) -> Evaluability:
   """Is a finding resting on ``models`` evaluated? (See ``near_chance``.)"""

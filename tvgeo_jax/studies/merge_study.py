@@ -678,40 +678,69 @@ def lora_merge_comparison(pairs: Mapping[str, Mapping[str, Any]]) -> str:
 PAPER_TABLE3 = {"query": "0.65/0.65 vs 0.45", "value": "0.68/0.64 vs 0.48"}
 
 
+def restrict_pairs(grid: Mapping[str, Any], keep: Sequence[int]) -> Dict[str, Any]:
+  """A pairs grid (``merge_grid`` with its ``distances`` and ``spearman``) on the tasks
+  ``keep`` only: δ and every distance column restricted, Table 3 recomputed."""
+  ix = np.ix_(list(keep), list(keep))
+  names = [grid["task_names"][i] for i in keep]
+  delta = np.asarray(grid["delta"], np.float64)[ix]
+  distances = {mod: {c: np.asarray(v, np.float64)[ix] for c, v in cols.items()}
+               for mod, cols in grid["distances"].items()}
+  return {"task_names": names, "delta": delta, "distances": distances,
+          "spearman": interference_tables(delta, distances, names)}
+
+
+def _table3_findings(fa: Mapping[str, Any], evaluability, n_permutations: int,
+                     what: str = "") -> List[Dict[str, Any]]:
+  """Paper A's Table 3 per module: mean ρ of L2, cosine, Grassmann with their tests."""
+  out = []
+  delta = np.asarray(fa["delta"], np.float64)
+  for module, table in fa["spearman"].items():
+    get = lambda c: table.get(c, {}).get("mean", float("nan"))
+    l2, cos, dg = get("l2"), get("cos"), get("d_G")
+    tests = []
+    for c in ("cos", "d_G", "l2"):       # evidence.table3_evidence, one column at a time
+      if c in fa["distances"][module]:
+        t = evidence.safe_test(evidence.table3_test, delta,
+                               np.asarray(fa["distances"][module][c], np.float64),
+                               n_permutations)
+        if t is not None:
+          tests.append(dataclasses.replace(t, name=f"Table 3 mean ρ(δ, {c}) ({module}{what})"))
+    beats = evidence.safe_test(evidence.metric_beats, fa, module, "cos", "l2", n_permutations)
+    if beats is not None:
+      tests.append(dataclasses.replace(beats, name=beats.name[:-1] + what + ")")
+                   if what else beats)
+    out.append(evidence.Finding(
+        claim=f"(paper A, Table 3, {module}{what}: cosine and Grassmann correlate with δ "
+              f"more than L2; paper {PAPER_TABLE3.get(module, '')})",
+        measured=f"mean ρ L2 {l2:.2f}, cos {cos:.2f}, d_G {dg:.2f}; cosine − L2 "
+                 f"{cos - l2:+.2f}",
+        tests=tuple(tests), evaluability=evaluability,
+        untested="every task's ρ is undefined (constant δ or distance rows)").to_dict())
+  return out
+
+
 def study_findings(res: Mapping[str, Any], evaluability=None,
                    n_permutations: int = evidence.DEFAULT_PERMUTATIONS) -> List[Dict[str, Any]]:
   """Paper A's Table 3 and paper C, checked on ``run_study``'s result with permutation
   tests (``evidence``): Table 3's mean ρ per module and column against permuted distance
   rows, cosine vs L2 as a paired test over tasks, sign conflicts growing with the number
-  of task vectors. ``evaluability``: ``evidence.Evaluability`` of the merged models.
-  Returns ``evidence.Finding`` dicts."""
+  of task vectors. ``evaluability``: ``evidence.Evaluability`` of the merged models;
+  where some are near chance, Table 3 is also judged on the tasks whose models learnt
+  (``evidence.learnt_runs``, at least ``evidence.MIN_LEARNT_TASKS``), as findings of their
+  own. Returns ``evidence.Finding`` dicts."""
   out = []
   pairs = res.get("pairs", {})
   fa = pairs.get("lora_factor_average")
   if fa:
-    delta = np.asarray(fa["delta"], np.float64)
-    for module, table in fa["spearman"].items():
-      get = lambda c: table.get(c, {}).get("mean", float("nan"))
-      l2, cos, dg = get("l2"), get("cos"), get("d_G")
-      tests = []
-      for c in ("cos", "d_G", "l2"):       # evidence.table3_evidence, one column at a time
-        if c in fa["distances"][module]:
-          t = evidence.safe_test(evidence.table3_test, delta,
-                                 np.asarray(fa["distances"][module][c], np.float64),
-                                 n_permutations)
-          if t is not None:
-            tests.append(dataclasses.replace(t, name=f"Table 3 mean ρ(δ, {c}) ({module})"))
-      beats = evidence.safe_test(evidence.metric_beats, fa, module, "cos", "l2",
-                                 n_permutations)
-      if beats is not None:
-        tests.append(beats)
-      out.append(evidence.Finding(
-          claim=f"(paper A, Table 3, {module}: cosine and Grassmann correlate with δ more "
-                f"than L2; paper {PAPER_TABLE3.get(module, '')})",
-          measured=f"mean ρ L2 {l2:.2f}, cos {cos:.2f}, d_G {dg:.2f}; cosine − L2 "
-                   f"{cos - l2:+.2f}",
-          tests=tuple(tests), evaluability=evaluability,
-          untested="every task's ρ is undefined (constant δ or distance rows)").to_dict())
+    out += _table3_findings(fa, evaluability, n_permutations)
+    keep = evidence.learnt_runs(fa["task_names"], evaluability)
+    if (evaluability is not None and not evaluability.evaluated
+        and evidence.MIN_LEARNT_TASKS <= len(keep) < len(fa["task_names"])):
+      out += _table3_findings(
+          restrict_pairs(fa, keep),
+          evidence.Evaluability(evaluated=True, near_chance=(), rule=evaluability.rule),
+          n_permutations, f", the {len(keep)} tasks above chance")
   fp = pairs.get("lora_product_average")
   if fa and fp:
     da, dp = (np.asarray(x["delta"], float) for x in (fa, fp))

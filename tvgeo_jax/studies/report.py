@@ -134,15 +134,18 @@ def judging_blocks() -> List[Block]:
 
 def finding_blocks(found: Sequence[Mapping[str, Any]]) -> List[Block]:
   """Findings of a study's summary: one numbered paragraph each (claim, measurement,
-  verdict; the near-chance models by name), then their tests as one table."""
+  verdict; the near-chance models by name), then their tests as one table (a test of a
+  finding that is not evaluated keeps its p-value, and its verdict says so)."""
   blocks: List[Block] = []
   rows = []
   for n, f in enumerate(found, 1):
     blocks.append(("p", f"Finding {n} {f['claim']}: {f['measured']}. Verdict: "
                         f"{f['verdict']}."))
     for t in f.get("tests", []):
+      verdict = (t["verdict"] if f.get("evaluated", True)
+                 else f"not evaluated (near chance; the test alone: {t['verdict']})")
       rows.append([n, t["name"], _fmt(t["statistic"]), f"{t['p_value']:.3g}",
-                   t["n_permutations"], t["alternative"], f"{t['level']:g}", t["verdict"]])
+                   t["n_permutations"], t["alternative"], f"{t['level']:g}", verdict])
   if rows:
     blocks.append(("table", ["finding", "test", "statistic", "p", "permutations",
                              "alternative", "level", "verdict"], rows))
