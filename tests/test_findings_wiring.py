@@ -233,15 +233,15 @@ class SeedsPlanTest(absltest.TestCase):
     self.assertIsNone(reproduce.get_preset("offline", seeds=2).seed_tasks)
     # the offline default: a second seed of one task (its seed floor); --seeds=1 drops it
     offline = reproduce.get_preset("offline")
-    self.assertEqual((offline.seeds, offline.seed_tasks), (2, ("synth_sst2",)))
+    self.assertEqual((offline.seeds, offline.seed_tasks), (2, ("synth_sst2", "synth_qnli")))
     self.assertEqual(reproduce.get_preset("offline", seeds=1).seeds, 1)
     self.assertEqual(reproduce.get_preset("offline", seed_tasks=["synth_qnli"]).seed_tasks,
                      ("synth_qnli",))
     with self.assertRaisesRegex(ValueError, "--seed_tasks needs --seeds=N"):
       reproduce.get_preset("paper", seed_tasks=["mrpc"])
     names = [s.name for s in reproduce.Pipeline(offline, "/tmp/z").steps()]
-    self.assertIn("finetune full (11 runs in concurrent groups of up to 4, 2 seeds on "
-                  "synth_sst2)", names)
+    self.assertIn("finetune full (12 runs in concurrent groups of up to 4, 2 seeds on "
+                  "synth_sst2, synth_qnli)", names)
 
   def test_seeds_are_extra_members_of_each_group_with_their_own_run_dirs(self):
     preset = dataclasses.replace(reproduce.get_preset("smoke"), model="embedded", seeds=2)
