@@ -30,9 +30,9 @@ flags.DEFINE_enum("preset", "offline", list(reproduce.PRESETS), "Study preset.")
 flags.DEFINE_string("out", None, "Output directory (default out/<preset>).")
 flags.DEFINE_integer("seeds", None, "Runs per task and method (seeds seed, seed+1, ...) "
                      "on every task, or on --seed_tasks (default: the preset's; offline: 2 "
-                     "on synth_sst2 and synth_qnli, paper: 1). With 2 or more the distance step reports "
-                     "the same-task, different-seed noise floor and a grouping counts only "
-                     "where between-family distances clear it.", lower_bound=1)
+                     "on synth_sst2 and synth_qnli, paper: 1). With 2 or more the distance "
+                     "step reports the same-task, different-seed noise floor and a grouping "
+                     "counts only where between-family distances clear it.", lower_bound=1)
 flags.DEFINE_list("seed_tasks", None, "Only these tasks get the extra seeds (default: every "
                   "task with --seeds, the preset's own otherwise), e.g. the ones that fit a "
                   "time budget.")

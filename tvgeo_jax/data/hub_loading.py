@@ -36,6 +36,11 @@ class DataNotFoundError(FileNotFoundError):
   """A local copy lacks a split, a column, or is in no recognised format."""
 
 
+def validation_rows(n: int, fraction: float = VALIDATION_FRACTION) -> int:
+  """How many of ``n`` training rows ``split_train_validation`` gives to validation."""
+  return max(1, int(round(fraction * n)))
+
+
 def split_train_validation(n: int, seed: int,
                            fraction: float = VALIDATION_FRACTION) -> Tuple[np.ndarray, np.ndarray]:
   """Indices of a deterministic train/validation split of ``n`` rows (``fraction`` to validation).
@@ -45,7 +50,7 @@ def split_train_validation(n: int, seed: int,
   """
   if n < 2:
     raise ValueError(f"Cannot split {n} training rows into train and validation.")
-  n_val = max(1, int(round(fraction * n)))
+  n_val = validation_rows(n, fraction)
   perm = np.random.default_rng(np.random.SeedSequence([seed, n, 9010])).permutation(n)
   return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 

@@ -94,8 +94,8 @@ def distance_findings(arrays: Mapping[str, Any], names: Sequence[str], *, method
   """The summary of one distance step (see the module docstring).
 
   Where some models are near chance, the grouping finding on every task is "not
-  evaluated"; it is then also computed on the tasks whose models learnt (``evidence.learnt_runs``,
-  at least four tasks), as a finding of its own.
+  evaluated"; it is then also computed on the tasks whose models learnt
+  (``evidence.learnt_subset``), as a finding of its own.
   """
   names = [str(n) for n in names]
   seeds = has_seeds(names)
@@ -104,11 +104,10 @@ def distance_findings(arrays: Mapping[str, Any], names: Sequence[str], *, method
                          "figure4": [], "findings": []}
   if seeds:
     out["seed_floor"] = {k: v.to_dict() for k, v in evidence.seed_floors(arrays, names).items()}
-  keep = evidence.learnt_runs(names, evaluability)
-  kept = [names[i] for i in keep]
-  restrict = (evaluability is not None and not evaluability.evaluated
-              and len({evidence.task_of(n) for n in kept}) >= evidence.MIN_LEARNT_TASKS)
-  if restrict:
+  learnt = evidence.learnt_subset(names, evaluability)
+  if learnt:
+    keep, learnt_ev = learnt
+    kept = [names[i] for i in keep]
     sub = evidence.select_runs(arrays, keep)
     out["learnt_tasks"] = list(dict.fromkeys(evidence.task_of(n) for n in kept))
   for module in modules:
@@ -118,13 +117,12 @@ def distance_findings(arrays: Mapping[str, Any], names: Sequence[str], *, method
     finding = _cosine_vs_l2(row_of, module, method, evaluability)
     if finding:
       out["findings"].append(finding)
-    if restrict:
+    if learnt:
       what = f", the {len(out['learnt_tasks'])} tasks above chance"
       rows = _grouping(sub, kept, module, has_seeds(kept), n_permutations, what)
       out.setdefault("grouping_learnt", []).extend(
           {k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values())
-      finding = _cosine_vs_l2(rows, module, method, evidence.Evaluability(
-          evaluated=True, near_chance=(), rule=evaluability.rule), what)
+      finding = _cosine_vs_l2(rows, module, method, learnt_ev, what)
       if finding:
         out["findings"].append(finding)
   for module in modules:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import stats
@@ -500,6 +500,20 @@ def learnt_runs(names: Sequence[str], evaluability: Optional[Evaluability]) -> L
   near = set() if evaluability is None else {
       task_of(str(k).split("/")[0]) for k in evaluability.near_chance}
   return [i for i, n in enumerate(names) if task_of(n) not in near]
+
+
+def learnt_subset(names: Sequence[str], evaluability: Optional[Evaluability]
+                  ) -> Optional[Tuple[List[int], Evaluability]]:
+  """Where a finding on ``names`` is not evaluated (some model near chance): the runs it
+  is also judged on (``learnt_runs``) and their ``Evaluability`` (evaluated), when they
+  cover at least ``MIN_LEARNT_TASKS`` tasks and leave some run out; else None."""
+  if evaluability is None or evaluability.evaluated:
+    return None
+  keep = learnt_runs(names, evaluability)
+  if (len({task_of(names[i]) for i in keep}) < MIN_LEARNT_TASKS
+      or len(keep) == len(names)):
+    return None
+  return keep, Evaluability(evaluated=True, near_chance=(), rule=evaluability.rule)
 
 
 def not_evaluated(models: Sequence[str], scores: Mapping[str, float],

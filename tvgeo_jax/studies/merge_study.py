@@ -727,20 +727,17 @@ def study_findings(res: Mapping[str, Any], evaluability=None,
   rows, cosine vs L2 as a paired test over tasks, sign conflicts growing with the number
   of task vectors. ``evaluability``: ``evidence.Evaluability`` of the merged models;
   where some are near chance, Table 3 is also judged on the tasks whose models learnt
-  (``evidence.learnt_runs``, at least ``evidence.MIN_LEARNT_TASKS``), as findings of their
-  own. Returns ``evidence.Finding`` dicts."""
+  (``evidence.learnt_subset``), as findings of their own. Returns ``evidence.Finding`` dicts."""
   out = []
   pairs = res.get("pairs", {})
   fa = pairs.get("lora_factor_average")
   if fa:
     out += _table3_findings(fa, evaluability, n_permutations)
-    keep = evidence.learnt_runs(fa["task_names"], evaluability)
-    if (evaluability is not None and not evaluability.evaluated
-        and evidence.MIN_LEARNT_TASKS <= len(keep) < len(fa["task_names"])):
-      out += _table3_findings(
-          restrict_pairs(fa, keep),
-          evidence.Evaluability(evaluated=True, near_chance=(), rule=evaluability.rule),
-          n_permutations, f", the {len(keep)} tasks above chance")
+    learnt = evidence.learnt_subset(fa["task_names"], evaluability)
+    if learnt:
+      keep, learnt_ev = learnt
+      out += _table3_findings(restrict_pairs(fa, keep), learnt_ev, n_permutations,
+                              f", the {len(keep)} tasks above chance")
   fp = pairs.get("lora_product_average")
   if fa and fp:
     da, dp = (np.asarray(x["delta"], float) for x in (fa, fp))

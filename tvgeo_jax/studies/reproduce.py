@@ -43,7 +43,7 @@ from tvgeo_jax.core import io_utils
 from tvgeo_jax.data import SYNTH_PAPER_TASKS
 from tvgeo_jax.data import PAPER_TASKS
 from tvgeo_jax.data import get_task, synthetic
-from tvgeo_jax.data.registry import VALIDATION_FRACTION
+from tvgeo_jax.data.hub_loading import validation_rows
 from tvgeo_jax.models import EncoderConfig, names
 from tvgeo_jax.training import flops as flops_lib
 from tvgeo_jax.adapters import partition
@@ -361,7 +361,7 @@ class Pipeline:
     """δ from geometry, leave-one-task-out: LoRA distances of the first seeds (the runs
     the merge study merged) against the merge study's δ."""
     arrays, names = merge_prediction.read_distances(os.path.join(self.out, "distances", "lora"))
-    keep = [i for i, n in enumerate(names) if "#" not in n]
+    keep = [i for i, n in enumerate(names) if evidence.task_of(n) == n]
     arrays = evidence.select_runs(arrays, keep)
     pairs = merge_prediction.read_merge_pairs(os.path.join(self.out, "merge"))
     merge_prediction.run_prediction(arrays, [names[i] for i in keep], pairs,
@@ -438,7 +438,7 @@ def _train_rows(task: str, scale: float) -> int:
     pool = synthetic.sizes(spec.name, scale)[0]
   else:
     pool = PAPER_TRAIN_SIZES.get(spec.name, 10000)
-  return pool - max(1, int(round(VALIDATION_FRACTION * pool)))
+  return pool - validation_rows(pool)
 
 
 def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
