@@ -117,6 +117,50 @@ class OptimizerTest(absltest.TestCase):
     np.testing.assert_allclose(p["norm"]["scale"], tp["s"].detach().numpy(), rtol=2e-5,
                                atol=1e-6)
 
+  def test_discriminative_rates_match_torch_parameter_groups(self):
+    """The head and ``fast_modules`` at the peak rate, every other weight at
+    ``other_lr_scale`` times it (decay included): torch's AdamW with two parameter groups
+    under one linear schedule."""
+    from transformers import get_linear_schedule_with_warmup
+    rng = np.random.default_rng(2)
+    shapes = {("classifier", "dense", "kernel"): (4, 3), ("encoder", "query", "kernel"): (4, 4),
+              ("encoder", "key", "kernel"): (4, 4)}
+    params = {"classifier": {"dense": {}}, "encoder": {"query": {}, "key": {}}}
+    for path, shape in shapes.items():
+      params[path[0]][path[1]][path[2]] = rng.normal(size=shape).astype(np.float32)
+    mask = optim.slow_mask(params, ("query",))
+    self.assertEqual((mask["classifier"]["dense"]["kernel"], mask["encoder"]["query"]["kernel"],
+                      mask["encoder"]["key"]["kernel"]), (False, False, True))
+    total, lr, wd, scale = 8, 0.05, 0.1, 0.1
+    grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+             for _ in range(5)]
+    tx = optim.make_optimizer(params, learning_rate=lr, total_steps=total, warmup_ratio=0.25,
+                              weight_decay=wd, max_grad_norm=1.0, fast_modules=("query",),
+                              other_lr_scale=scale)
+    state, p = tx.init(params), params
+    for g in grads:
+      upd, state = tx.update(g, state, p)
+      p = jax.tree.map(lambda a, b: a + b, p, upd)
+    tp = {path: torch.tensor(params[path[0]][path[1]][path[2]], requires_grad=True)
+          for path in shapes}
+    key = ("encoder", "key", "kernel")
+    opt = torch.optim.AdamW([{"params": [v for k, v in tp.items() if k != key], "lr": lr},
+                             {"params": [tp[key]], "lr": lr * scale}],
+                            lr=lr, weight_decay=wd, betas=(0.9, 0.999), eps=1e-8)
+    sched = get_linear_schedule_with_warmup(opt, 2, total)
+    for g in grads:
+      for path, v in tp.items():
+        v.grad = torch.tensor(g[path[0]][path[1]][path[2]])
+      torch.nn.utils.clip_grad_norm_(list(tp.values()), 1.0)
+      opt.step()
+      sched.step()
+    for path, v in tp.items():
+      np.testing.assert_allclose(p[path[0]][path[1]][path[2]], v.detach().numpy(), rtol=2e-5,
+                                 atol=1e-6, err_msg="/".join(path))
+    moved = {path: np.abs(p[path[0]][path[1]][path[2]] - params[path[0]][path[1]][path[2]]).mean()
+             for path in shapes}
+    self.assertLess(moved[key], 0.3 * moved[("encoder", "query", "kernel")])
+
 
 class EarlyStoppingTest(parameterized.TestCase):
 
@@ -168,6 +212,15 @@ class ConfigTest(absltest.TestCase):
     a = TrainConfig(method="lora")
     b = a.replace(checkpoint_every=7, learning_rate=0.5, lora_targets=("query",))
     self.assertEqual(set(config_differences(a.to_dict(), b)), {"learning_rate", "lora_targets"})
+
+  def test_a_field_missing_from_a_saved_config_counts_as_its_default(self):
+    """A run directory written before a field existed resumes under its default."""
+    saved = TrainConfig(method="full").to_dict()
+    del saved["fast_modules"], saved["other_lr_scale"]
+    self.assertEqual(config_differences(saved, TrainConfig(method="full")), {})
+    self.assertEqual(set(config_differences(saved, TrainConfig(method="full",
+                                                               other_lr_scale=0.1))),
+                     {"other_lr_scale"})
 
 
 class TraceCountTest(absltest.TestCase):

@@ -49,6 +49,12 @@ class TrainConfig:
   adam_b1: float = _field(0.9, "AdamW beta1.")
   adam_b2: float = _field(0.999, "AdamW beta2.")
   adam_eps: float = _field(1e-8, "AdamW epsilon.")
+  fast_modules: Tuple[str, ...] = _field(
+      (), "Modules trained at the peak learning rate with the head when other_lr_scale < 1 "
+      "(e.g. query,value).")
+  other_lr_scale: float = _field(
+      1.0, "Learning-rate factor of every trainable weight outside the head and "
+      "fast_modules (discriminative rates; 1: one rate for all).")
   class_weights: bool = _field(False, "Balanced class weights in the loss (paper D).")
   dtype: str = _field("float32", "Compute dtype.", choices=DTYPES)
   dropout: Optional[float] = _field(
@@ -76,6 +82,7 @@ class TrainConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+    object.__setattr__(self, "fast_modules", tuple(self.fast_modules))
     self.validate()
 
   def validate(self) -> None:
@@ -86,7 +93,8 @@ class TrainConfig:
     positive = {"learning_rate": self.learning_rate, "batch_size": self.batch_size,
                 "epochs": self.epochs, "eval_batch_size": self.eval_batch_size,
                 "max_seq_len": self.max_seq_len, "data_scale": self.data_scale,
-                "checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
+                "checkpoint_every": self.checkpoint_every, "log_every": self.log_every,
+                "other_lr_scale": self.other_lr_scale}
     if self.method == "lora":
       positive.update(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha)
     if self.method == "bottleneck" and not self.bottleneck_size:
@@ -115,6 +123,7 @@ class TrainConfig:
   def to_dict(self) -> Dict[str, Any]:
     d = dataclasses.asdict(self)
     d["lora_targets"] = list(self.lora_targets)
+    d["fast_modules"] = list(self.fast_modules)
     return d
 
   @classmethod
@@ -124,13 +133,15 @@ class TrainConfig:
 
 
 def config_differences(saved: Mapping[str, Any], current: "TrainConfig") -> Dict[str, Tuple]:
-  """{field: (saved, current)} for fields that matter to the result and differ."""
+  """{field: (saved, current)} for fields that matter to the result and differ. A field
+  the saved config lacks (written before the field existed) counts as its default."""
   now = current.to_dict()
+  defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
   out = {}
   for k in sorted(set(saved) | set(now)):
     if k in RESUME_IGNORED:
       continue
-    a, b = saved.get(k), now.get(k)
+    a, b = saved.get(k, defaults.get(k)), now.get(k)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
       a, b = list(a), list(b)
     if a != b:

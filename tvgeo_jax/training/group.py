@@ -62,7 +62,7 @@ TASK_AXIS, DATA_AXIS = "tasks", sharding.DATA_AXIS
 SHARED_FIELDS = ("method", "model", "batch_size", "eval_batch_size", "max_seq_len", "dtype",
                  "dropout", "weight_decay", "max_grad_norm", "adam_b1", "adam_b2", "adam_eps",
                  "warmup_ratio", "class_weights", "lora_rank", "lora_alpha", "lora_targets",
-                 "bottleneck_size", "bottleneck_reduction_factor", "checkpoint_every",
+                 "fast_modules", "other_lr_scale", "bottleneck_size", "bottleneck_reduction_factor", "checkpoint_every",
                  "log_every", "stop_after_steps")
 MASKED_LOGIT = float(np.finfo(np.float32).min)
 
@@ -403,10 +403,7 @@ class _GroupTrainer:
     self.totals = [m.config.epochs * m.num_batches for m in ms]
     self.schedules = [optim.linear_schedule(m.config.learning_rate, total, c0.warmup_ratio)
                       for m, total in zip(ms, self.totals)]
-    self.optimizer_kwargs = dict(learning_rate=c0.learning_rate, total_steps=1,
-                                 warmup_ratio=c0.warmup_ratio, weight_decay=c0.weight_decay,
-                                 max_grad_norm=c0.max_grad_norm, b1=c0.adam_b1, b2=c0.adam_b2,
-                                 eps=c0.adam_eps)
+    self.optimizer_kwargs = dict(optim.config_kwargs(c0), total_steps=1)
     init_opt = optim.make_optimizer(padded[0], **self.optimizer_kwargs)
     state = _stack([step_lib.init_state(p, init_opt) for p in padded])
     self.state = jax.device_put(state, _stacked(self.mesh))

@@ -230,11 +230,8 @@ def _set_up(config: TrainConfig, run_dir: str, data: TaskData, model_config, bas
   dtype = jnp.dtype(train_config.dtype)
   class_weights = scoring.class_weights(train_config.class_weights, data)
   total_steps = train_config.epochs * data.num_train_batches
-  optimizer = optim.make_optimizer(
-      trainable, learning_rate=train_config.learning_rate, total_steps=total_steps,
-      warmup_ratio=train_config.warmup_ratio, weight_decay=train_config.weight_decay,
-      max_grad_norm=train_config.max_grad_norm, b1=train_config.adam_b1,
-      b2=train_config.adam_b2, eps=train_config.adam_eps)
+  optimizer = optim.make_optimizer(trainable, total_steps=total_steps,
+                                   **optim.config_kwargs(train_config))
   setup = _Setup(
       config=config, train_config=train_config, resume_record=resume_record, run_dir=run_dir,
       data=data, model_config=model_config, mesh=mesh,
