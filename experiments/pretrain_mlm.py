@@ -42,6 +42,10 @@ flags.DEFINE_float("polar_negation", _DEFAULTS.polar_negation,
                    "Share of the polar reviews' clauses negated with the opposite adjective "
                    "(the review's polarity kept; 0: none).")
 
+flags.DEFINE_float("word_init_std", _DEFAULTS.word_init_std,
+                   "Standard deviation of the initial word embeddings (0: the encoder's "
+                   "0.02); a larger start keeps the words of a class apart.")
+
 
 def main(argv):
   del argv
@@ -56,7 +60,8 @@ def main(argv):
                               polar_reviews=FLAGS.polar_reviews,
                               polar_negation=FLAGS.polar_negation,
                               pair_novelty=FLAGS.pair_novelty,
-                              pair_match=FLAGS.pair_match)
+                              pair_match=FLAGS.pair_match,
+                              word_init_std=FLAGS.word_init_std)
     config, params, report = embedded.pretrain(cfg)
     embedded.save(out, config, params, report)
   with open(f"{out}/pretrain.json") as f:

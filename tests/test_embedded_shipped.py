@@ -11,7 +11,7 @@ from benchmarks import probe_base
 from tvgeo_jax import data, pretraining
 from tvgeo_jax.data import synthetic
 from tvgeo_jax.training import loop, presets
-from tvgeo_jax.pretraining import embedded
+from tvgeo_jax.pretraining import embedded, probes
 from tvgeo_jax.core import io_utils
 
 
@@ -57,6 +57,22 @@ class ShippedBaseTest(absltest.TestCase):
     self.assertGreaterEqual(probe_base.nearest_centroid_loo(x, y), 18)
     self.assertGreater(probe_base.mean_cosine(pos, pos, True) - probe_base.mean_cosine(
         pos, neg, False), 0.1)
+
+  def test_the_frozen_base_reads_qnli_and_cross_text_occurrence(self):
+    """What benchmarks.probe_pairs measures (BUILD_NOTES, session 10): on the frozen v5
+    base a linear probe reads synth_qnli's relation (0.74 at scale 1, chance 0.50) and each
+    token's state tells whether its word occurs in the other text beyond what its identity
+    alone tells (0.89 vs 0.75 in the last layer), what PretrainConfig.pair_match trains."""
+    config, params = pretraining.load_model(embedded.SHIPPED_DIR, head="mlm")
+    tok = data.load_tokenizer(embedded.SHIPPED_DIR)
+    scores, counts = probes.relation_probe(params, config, tok, "synth_qnli", 1.0, 64)
+    self.assertEqual(list(counts), [150, 150])  # chance 0.50
+    self.assertGreater(scores["first token"], 0.65)
+    layers, identity, base_rate = probes.cross_occurrence_probe(params, config,
+                                                                     n_train=1000)
+    self.assertLen(layers, config.num_hidden_layers + 1)
+    self.assertGreater(identity, base_rate)
+    self.assertGreater(layers[-1], identity + 0.1)
 
   def test_a_pair_task_learns_on_the_shipped_base_in_a_few_dozen_steps(self):
     """synth_qnli, full FT, 80 steps (2 epochs of 40): measured 0.69 test accuracy on

@@ -117,6 +117,18 @@ class EmbeddedBaseTest(absltest.TestCase):
       embedded.save(d, *runs[0])
       self.assertAlmostEqual(embedded.evaluate_base(d), runs[0][2]["mlm_loss_final"], places=4)
 
+  def test_word_init_std_rescales_the_initial_word_embeddings_only(self):
+    config = embedded.embedded_config().replace(num_hidden_layers=1)
+    plain = embedded.initial_params(config, embedded.PretrainConfig())
+    wide = embedded.initial_params(config, embedded.PretrainConfig(word_init_std=0.1))
+    emb = lambda p: np.asarray(p["embeddings"]["word_embeddings"]["embedding"])
+    self.assertAlmostEqual(float(emb(plain).std()), 0.02, places=3)
+    self.assertAlmostEqual(float(emb(wide).std()), 0.1, places=5)
+    np.testing.assert_allclose(emb(wide), emb(plain) * (0.1 / emb(plain).std()), rtol=1e-6)
+    wide["embeddings"]["word_embeddings"]["embedding"] = emb(plain)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(wide)):
+      np.testing.assert_array_equal(a, b)
+
   def test_polar_reviews_join_the_training_texts_only(self):
     base = embedded.PretrainConfig(corpus_scale=0.05, polar_reviews=0)
     train, held = embedded._corpus_rows(base)

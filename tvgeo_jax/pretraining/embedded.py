@@ -109,6 +109,11 @@ class PretrainConfig:
   # adjective, keeping the review's polarity ("not awful" in a positive review): MLM then
   # has to compose negation with polarity, as the sentiment tasks do (0: no negation).
   polar_negation: float = 0.0
+  # Standard deviation of the word embeddings at initialisation (0: the encoder's N(0, 0.02)). MLM gives every word of a grammatical class the same
+  # contexts, so the learnt class direction swamps a small random start and the words of
+  # a class end up nearly parallel (cosine 0.85-0.92 on v5), which the pair tasks' word
+  # matching cannot see past; a larger random start keeps each word its own direction.
+  word_init_std: float = 0.0
 
 
 def _generator_version() -> str:
@@ -178,7 +183,7 @@ def _training_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
   return train, held
 
 
-def _pair_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
+def pair_rows(cfg: PretrainConfig, tokenizer: str = "tiny"):
   """Tokenised unlabelled corpus pairs ``[N, pair_seq_len]`` (padded, truncated), seeded
   order; the first 5% are held out."""
   tok = load_tokenizer(tokenizer)
@@ -221,7 +226,7 @@ def word_ids(tokenizer) -> np.ndarray:
   return out
 
 
-def _cross_occurrence(input_ids: jax.Array, words: jax.Array, special_ids: Tuple[int, ...]):
+def cross_occurrence(input_ids: jax.Array, words: jax.Array, special_ids: Tuple[int, ...]):
   """(in_a, in_b content masks, b_in_a, a_in_b): whether a token's word occurs in the
   other text of a pair row ``<s> a </s></s> b </s>``."""
   seps = jnp.cumsum(input_ids == SEP_ID, axis=1)
@@ -244,7 +249,7 @@ def pair_novelty_targets(rng: jax.Array, input_ids: jax.Array, k: int,
   cross-text target computed from the input alone (no task labels)."""
   if words is None:
     words = jnp.arange(int(input_ids.max()) + 1)
-  in_a, in_b, b_in_a, a_in_b = _cross_occurrence(input_ids, words, special_ids)
+  in_a, in_b, b_in_a, a_in_b = cross_occurrence(input_ids, words, special_ids)
   k_b, k_a = jax.random.split(rng)
 
   def draw(key, cand):
@@ -289,7 +294,7 @@ def _loss_fn(p, ids, rng, *, config: EncoderConfig, mask_prob: float, cls_target
               head="mlm", mlm_positions=positions, output_hidden_states=match is not None)
   loss = mlm.mlm_loss(out["logits"][:, :p_mlm], targets, weights)
   if match is not None:  # does each content token's word occur in the other text?
-    in_a, in_b, b_in_a, a_in_b = _cross_occurrence(ids, words, SPECIAL_IDS)
+    in_a, in_b, b_in_a, a_in_b = cross_occurrence(ids, words, SPECIAL_IDS)
     z = out["hidden_states"][-1] @ match["kernel"] + match["bias"]
     y = jnp.where(in_a, a_in_b, b_in_a).astype(jnp.float32)
     w = (in_a | in_b).astype(jnp.float32)
@@ -333,6 +338,16 @@ def evaluate_base(directory: str) -> float:
   return held_out_loss(params, config, cfg, held_out_blocks(cfg, directory))
 
 
+def initial_params(config: EncoderConfig, cfg: PretrainConfig) -> dict:
+  """The encoder's random start (seed ``cfg.seed``), its word embeddings rescaled to
+  standard deviation ``cfg.word_init_std`` when that is set."""
+  params = init_params(config, head="mlm", seed=cfg.seed)
+  if cfg.word_init_std:
+    emb = params["embeddings"]["word_embeddings"]["embedding"]
+    params["embeddings"]["word_embeddings"]["embedding"] = emb * (cfg.word_init_std / emb.std())
+  return params
+
+
 def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
              progress: bool = True) -> tuple:
   """Pretrain with MLM; returns (config, params, report dict)."""
@@ -353,13 +368,12 @@ def pretrain(cfg: PretrainConfig, config: Optional[EncoderConfig] = None,
     if cfg.pair_seq_len + 2 > config.max_position_embeddings:
       raise ValueError(f"pair_seq_len={cfg.pair_seq_len} needs {cfg.pair_seq_len + 2} "
                        f"positions; the model has {config.max_position_embeddings}.")
-    pair_rows, held_pairs = _pair_rows(cfg)
+    train_pairs, held_pairs = pair_rows(cfg)
     words = jnp.asarray(word_ids(load_tokenizer("tiny")))
     pair_batch = max(1, cfg.batch_size * cfg.seq_len // cfg.pair_seq_len)
-    pairs = _BlockSampler(pair_rows, pair_batch, order_rng)
+    pairs = _BlockSampler(train_pairs, pair_batch, order_rng)
     held_pairs = held_pairs[:cfg.eval_blocks]
-  params = init_params(config, head="mlm", seed=cfg.seed)
-  params = {"encoder": params,
+  params = {"encoder": initial_params(config, cfg),
             "match": {"kernel": jnp.zeros((config.hidden_size,)), "bias": jnp.zeros(())}}
   opt = make_optimizer(params, learning_rate=cfg.learning_rate, total_steps=cfg.steps,
                        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
