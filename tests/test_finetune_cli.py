@@ -108,8 +108,12 @@ class CliErrorsTest(absltest.TestCase):
   def test_ctrl_c_exits_130_and_the_run_resumes(self):
     out = os.path.join(tempfile.mkdtemp(), "run")
     cmd, env = finetune_command("--task=synth_sst2", "--method=full", "--model=tiny-random",
-                                f"--out={out}", "--epochs=200", "--data_scale=0.25",
-                                "--max_seq_len=16", "--checkpoint_every=5")
+                                f"--out={out}", "--epochs=200", "--patience=0",
+                                "--data_scale=0.25", "--max_seq_len=16",
+                                "--checkpoint_every=5")
+    # --patience=0: never stop early, so the run is still training when the signal comes
+    # (with the preset's patience it early-stopped after seven 0.4 s epochs, before a
+    # loaded machine's test process had read the first epoch's line: exit 0, not 130).
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
       for line in proc.stderr:  # the first epoch ends: training is under way
