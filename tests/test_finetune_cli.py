@@ -111,10 +111,12 @@ class CliErrorsTest(absltest.TestCase):
                                 f"--out={out}", "--epochs=200", "--patience=0",
                                 "--data_scale=0.25", "--max_seq_len=16",
                                 "--checkpoint_every=5")
-    # --patience=0: never stop early, so the run is still training when the signal comes
-    # (with the preset's patience it early-stopped after seven 0.4 s epochs, before a
-    # loaded machine's test process had read the first epoch's line: exit 0, not 130).
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # The child starts with SIGINT at its default, as under a terminal: a suite launched in
+    # the background of a non-interactive shell inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler, so the run trained on and exited 0.
+    # --patience=0: it cannot stop early on its own before the signal comes.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
       for line in proc.stderr:  # the first epoch ends: training is under way
         if "epoch 1: validation loss" in line:
