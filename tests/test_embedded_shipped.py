@@ -68,8 +68,7 @@ class ShippedBaseTest(absltest.TestCase):
     scores, counts = probes.relation_probe(params, config, tok, "synth_qnli", 1.0, 64)
     self.assertEqual(list(counts), [150, 150])  # chance 0.50
     self.assertGreater(scores["first token"], 0.65)
-    layers, identity, base_rate = probes.cross_occurrence_probe(params, config,
-                                                                     n_train=1000)
+    layers, identity, base_rate = probes.cross_occurrence_probe(params, config, n_train=1000)
     self.assertLen(layers, config.num_hidden_layers + 1)
     self.assertGreater(identity, base_rate)
     self.assertGreater(layers[-1], identity + 0.1)

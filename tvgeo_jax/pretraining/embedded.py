@@ -109,10 +109,11 @@ class PretrainConfig:
   # adjective, keeping the review's polarity ("not awful" in a positive review): MLM then
   # has to compose negation with polarity, as the sentiment tasks do (0: no negation).
   polar_negation: float = 0.0
-  # Standard deviation of the word embeddings at initialisation (0: the encoder's N(0, 0.02)). MLM gives every word of a grammatical class the same
-  # contexts, so the learnt class direction swamps a small random start and the words of
-  # a class end up nearly parallel (cosine 0.85-0.92 on v5), which the pair tasks' word
-  # matching cannot see past; a larger random start keeps each word its own direction.
+  # Standard deviation of the word embeddings at initialisation (0: the encoder's
+  # N(0, 0.02)). MLM gives every word of a grammatical class the same contexts, so the
+  # learnt class direction swamps a small random start and the words of a class end up
+  # nearly parallel (cosine 0.85-0.92 on v5); a larger start keeps each word its own
+  # direction (BUILD_NOTES, session 10: measured, not shipped).
   word_init_std: float = 0.0
 
 

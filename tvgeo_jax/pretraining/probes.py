@@ -12,12 +12,13 @@ The diagnostics behind ``benchmarks.probe_pairs`` (BUILD_NOTES, issue 19, sessio
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tvgeo_jax.analysis.cka import layer_representations
 from tvgeo_jax.core import metrics
 from tvgeo_jax.data import get_task, load_tokenizer, synthetic
 from tvgeo_jax.models import apply
@@ -25,29 +26,25 @@ from tvgeo_jax.pretraining.embedded import (PAD_ID, PretrainConfig, SPECIAL_IDS,
                                             cross_occurrence, pair_rows, word_ids)
 
 
-def hidden_states(params, config, tokenizer, pairs: Sequence, max_len: int,
-                  batch: int = 256) -> List[np.ndarray]:
-  """Every layer's states ``[N, T, H]`` (embeddings first) and the attention mask."""
-  fn = jax.jit(lambda p, ids, att: apply(p, {"input_ids": ids, "attention_mask": att},
-                                         config=config, head="mlm",
-                                         output_hidden_states=True)["hidden_states"])
-  layers, masks = [], []
+def _pair_batches(tokenizer, pairs: Sequence, max_len: int, batch: int = 256):
   for i in range(0, len(pairs), batch):
     chunk = pairs[i:i + batch]
     enc = tokenizer([t[0] for t in chunk], [t[1] for t in chunk], truncation=True,
                     max_length=max_len, padding="max_length", return_tensors="np")
-    att = enc["attention_mask"].astype(np.int32)
-    layers.append([np.asarray(h) for h in fn(params, enc["input_ids"].astype(np.int32), att)])
-    masks.append(att)
-  return [np.concatenate([b[k] for b in layers]) for k in range(len(layers[0]))], \
-      np.concatenate(masks)
+    yield {"input_ids": enc["input_ids"].astype(np.int32),
+           "attention_mask": enc["attention_mask"].astype(np.int32)}
 
 
-def pooled_features(states: List[np.ndarray], mask: np.ndarray) -> Dict[str, np.ndarray]:
-  """First-token and mean-over-tokens states of every layer after the embeddings."""
-  w = mask[:, :, None] / mask.sum(1)[:, None, None]
-  return {"first token": np.concatenate([h[:, 0] for h in states[1:]], 1),
-          "token mean": np.concatenate([(h * w).sum(1) for h in states[1:]], 1)}
+def pooled_features(params, config, tokenizer, pairs: Sequence,
+                    max_len: int) -> Dict[str, np.ndarray]:
+  """``[n, layers × hidden]``: the first token's state and the mean over tokens of every
+  layer after the embeddings (``analysis.cka.layer_representations``), concatenated."""
+  out = {}
+  for name, token in (("first token", "first"), ("token mean", "mean")):
+    reps = layer_representations(params, config, _pair_batches(tokenizer, pairs, max_len),
+                                 token=token)[1:]          # [L, n, hidden]
+    out[name] = reps.transpose(1, 0, 2).reshape(reps.shape[1], -1)
+  return out
 
 
 def logistic_probe(x_train, y_train, x_test) -> np.ndarray:
@@ -63,8 +60,8 @@ def relation_probe(params, config, tokenizer, task: str, scale: float, max_len: 
   spec = get_task(task)
   split = synthetic.generate(spec.name, seed=0, scale=scale)
   (x_tr, y_tr), (x_te, y_te) = split["train"], split["test"]
-  f_tr = pooled_features(*hidden_states(params, config, tokenizer, x_tr, max_len))
-  f_te = pooled_features(*hidden_states(params, config, tokenizer, x_te, max_len))
+  f_tr = pooled_features(params, config, tokenizer, x_tr, max_len)
+  f_te = pooled_features(params, config, tokenizer, x_te, max_len)
   main = spec.main_metric
   scores = {k: metrics.compute_metrics((main,), logistic_probe(f_tr[k], y_tr, f_te[k]),
                                        y_te, label_names=spec.label_names,

@@ -62,8 +62,9 @@ TASK_AXIS, DATA_AXIS = "tasks", sharding.DATA_AXIS
 SHARED_FIELDS = ("method", "model", "batch_size", "eval_batch_size", "max_seq_len", "dtype",
                  "dropout", "weight_decay", "max_grad_norm", "adam_b1", "adam_b2", "adam_eps",
                  "warmup_ratio", "class_weights", "lora_rank", "lora_alpha", "lora_targets",
-                 "fast_modules", "other_lr_scale", "bottleneck_size", "bottleneck_reduction_factor", "checkpoint_every",
-                 "log_every", "stop_after_steps")
+                 "fast_modules", "other_lr_scale", "bottleneck_size",
+                 "bottleneck_reduction_factor", "checkpoint_every", "log_every",
+                 "stop_after_steps")
 MASKED_LOGIT = float(np.finfo(np.float32).min)
 
 
