@@ -161,6 +161,14 @@ class OptimizerTest(absltest.TestCase):
              for path in shapes}
     self.assertLess(moved[key], 0.3 * moved[("encoder", "query", "kernel")])
 
+  def test_a_fast_module_that_matches_nothing_is_refused(self):
+    """A misspelled module name would otherwise slow every weight but the head."""
+    params = {"classifier": {"dense": {"kernel": np.zeros((2, 2))}},
+              "encoder": {"layer": {"0": {"query": {"kernel": np.zeros((2, 2))}}}}}
+    with self.assertRaisesRegex(ValueError, r"\['qeury'\] match no trainable.*'query'"):
+      optim.make_optimizer(params, learning_rate=1e-3, total_steps=4,
+                           fast_modules=("query", "qeury"), other_lr_scale=0.1)
+
 
 class EarlyStoppingTest(parameterized.TestCase):
 

@@ -23,6 +23,12 @@ def slow_mask(params: Mapping, fast_modules: Sequence[str]) -> dict:
   """True where a leaf trains at the slower rate: outside the head and ``fast_modules``
   (module names such as ``query``, matched against every component of a leaf's path)."""
   fast = tuple(fast_modules)
+  paths = [p for p, _ in trees.flatten(params).items()]
+  unknown = [m for m in fast if not any(m in p for p in paths)]
+  if unknown:
+    names = sorted({c for p in paths for c in p[:-1] if not c.isdigit()})
+    raise ValueError(f"fast_modules {unknown} match no trainable weight; the trainable "
+                     f"modules are {names}. Fix the spelling, or drop the name.")
   return trees.map_with_path(lambda p, _: not (is_head(p) or any(m in p for m in fast)),
                              params)
 
