@@ -7,6 +7,7 @@ results.json for the single-task scores.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import tempfile
 import warnings
 
 from absl.testing import absltest
+import jax
 import numpy as np
 import scipy.stats
 
@@ -171,6 +173,23 @@ class MergeStudyTest(absltest.TestCase):
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertIn("3 runs, 0 new evaluations", proc.stdout)
+
+  def test_the_cache_follows_weights_not_paths(self):
+    """A moved run keeps its cached scores; a run trained again in place loses them."""
+    cached = merge_study.open_cache(self.out, self.srcs)
+    self.assertIn(f"single|{self.srcs[0].name}", cached)
+    moved = [dataclasses.replace(s, path=s.path + "_moved") for s in self.srcs]
+    self.assertEqual(merge_study.open_cache(self.out, moved).entries, cached.entries)
+    head = self.srcs[0].params["classifier"]
+    retrained = [dataclasses.replace(self.srcs[0], params=dict(
+        self.srcs[0].params, classifier=jax.tree.map(lambda x: x + 1.0, head)))]
+    retrained += self.srcs[1:]
+    with self.assertLogs(level="WARNING") as logs:
+      fresh = merge_study.open_cache(self.out, retrained)
+    self.assertEqual(fresh.entries, {})
+    self.assertIn(f"{self.srcs[0].name} changed", logs.output[0])
+    with self.assertRaisesRegex(ValueError, "another study"):
+      merge_study.open_cache(self.out, self.srcs[:2])
 
   def test_paper_c_analyses(self):
     conflicts = merge_study.sign_conflicts(self.srcs, ks=(0.2,), max_subsets=5)

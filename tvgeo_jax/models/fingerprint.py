@@ -37,21 +37,33 @@ def is_base_leaf(path) -> bool:
           and not is_adapter_path(path))
 
 
+def _digest(params: Mapping, config: EncoderConfig, keep) -> str:
+  """BLAKE2b-128 of the architecture and the bytes of the leaves ``keep(path)`` selects."""
+  h = hashlib.blake2b(digest_size=16)
+  arch = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
+  h.update(json.dumps(arch, sort_keys=True).encode())
+  flat = trees.flatten(params)
+  for path in sorted(p for p in flat if keep(p)):
+    v = np.ascontiguousarray(np.asarray(flat[path], dtype="<f4"))
+    h.update(f"{trees.path_str(path)}{v.shape}".encode())
+    h.update(memoryview(v).cast("B"))
+  return h.hexdigest()
+
+
 def base_fingerprint(params: Mapping, config: EncoderConfig) -> str:
   """``'b2v1:<32 hex>'``: BLAKE2b-128 of the architecture and the base leaves' bytes.
 
   ``params`` is a base tree or a tree fine-tuned with frozen base leaves (LoRA);
   for full fine-tuning and bottleneck adapters (trained LayerNorms) pass the base.
   """
-  h = hashlib.blake2b(digest_size=16)
-  arch = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
-  h.update(json.dumps(arch, sort_keys=True).encode())
-  flat = trees.flatten(params)
-  for path in sorted(p for p in flat if is_base_leaf(p)):
-    v = np.ascontiguousarray(np.asarray(flat[path], dtype="<f4"))
-    h.update(f"{trees.path_str(path)}{v.shape}".encode())
-    h.update(memoryview(v).cast("B"))
-  return f"{VERSION}:{h.hexdigest()}"
+  return f"{VERSION}:{_digest(params, config, is_base_leaf)}"
+
+
+def model_fingerprint(params: Mapping, config: EncoderConfig) -> str:
+  """``'m1:<32 hex>'``: the same hash over every leaf (head, LoRA factors, adapters
+  included): equal for two trees exactly when they are the same fine-tuned model. Keys
+  results derived from a model's weights (``studies.merge_study``'s evaluation cache)."""
+  return f"m1:{_digest(params, config, lambda _: True)}"
 
 
 def short(fingerprint: Optional[str]) -> str:

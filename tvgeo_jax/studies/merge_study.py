@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -49,6 +50,7 @@ from tvgeo_jax import evaluation, merging
 from tvgeo_jax.studies import evidence, interference, sources
 from tvgeo_jax.core import io_utils, trees
 from tvgeo_jax.adapters import lora
+from tvgeo_jax.models import fingerprint
 from tvgeo_jax.training import runs
 from tvgeo_jax import geometry
 from tvgeo_jax.core import figures
@@ -205,10 +207,18 @@ class EvalCache:
     self.new = 0
     if path and os.path.exists(path):
       saved = io_utils.read_json(path)
-      if saved.get("meta") != json.loads(json.dumps(self.meta)):
+      meta = json.loads(json.dumps(self.meta))
+      if saved.get("meta") == meta:
+        self.entries = saved["entries"]
+      elif _same_runs_retrained(saved.get("meta", {}), meta):
+        # The same runs, other weights (a run trained again in place): every cached
+        # score may be stale, and the cache is derived data, so it starts afresh.
+        changed = sorted(set(saved["meta"]["runs"]) - set(meta["runs"]))
+        logging.warning("%s: %s changed since their scores were cached; evaluating "
+                        "again.", path, ", ".join(r.split("=")[0] for r in changed))
+      else:
         raise ValueError(f"{path} holds results of another study ({saved.get('meta')}); "
                          "use another --out or delete the cache to start afresh.")
-      self.entries = saved["entries"]
 
   def __contains__(self, key: str) -> bool:
     return key in self.entries
@@ -233,10 +243,23 @@ def study_tag(method: str, kw: Mapping[str, Any]) -> str:
   return f"{method}-{hashlib.sha1(opts.encode()).hexdigest()[:8]}"
 
 
+def _same_runs_retrained(saved: Mapping, meta: Mapping) -> bool:
+  """Whether two caches' metadata name the same runs (and options) with other weights."""
+  def names(m):
+    return sorted(r.split("=")[0] for r in m.get("runs", ()))
+  rest = lambda m: {k: v for k, v in m.items() if k != "runs"}
+  return names(saved) == names(meta) and rest(saved) == rest(meta)
+
+
 def open_cache(out_dir: Optional[str], srcs: Sequence[sources.Source],
                max_examples: Optional[int] = None) -> EvalCache:
-  """One cache per set of runs and test subset: ``OUT/cache/evaluations.json``."""
-  meta = {"runs": sorted(f"{s.name}={s.path}" for s in srcs)}   # order-independent
+  """One cache per set of runs and test subset: ``OUT/cache/evaluations.json``.
+
+  Runs are identified by name and by the fingerprint of their weights
+  (``models.fingerprint.model_fingerprint``), not by path: a moved run directory keeps
+  its cached scores, a run trained again in place does not."""
+  meta = {"runs": sorted(f"{s.name}={fingerprint.model_fingerprint(s.params, s.config)}"
+                         for s in srcs)}   # order-independent
   if max_examples is not None:
     meta["max_examples"] = int(max_examples)
   path = os.path.join(out_dir, "cache", "evaluations.json") if out_dir else None
