@@ -59,10 +59,11 @@ class ShippedBaseTest(absltest.TestCase):
         pos, neg, False), 0.1)
 
   def test_the_frozen_base_reads_qnli_and_cross_text_occurrence(self):
-    """What benchmarks.probe_pairs measures (BUILD_NOTES, session 10): on the frozen v5
-    base a linear probe reads synth_qnli's relation (0.74 at scale 1, chance 0.50) and each
-    token's state tells whether its word occurs in the other text beyond what its identity
-    alone tells (0.89 vs 0.75 in the last layer), what PretrainConfig.pair_match trains."""
+    """What benchmarks.probe_pairs measures (BUILD_NOTES, sessions 10-11): on the frozen
+    base a linear probe reads synth_qnli's relation (v5: 0.74 at scale 1, chance 0.50) and
+    each token's state tells whether its word occurs in the other text beyond what its
+    identity alone tells (v5: 0.89 vs 0.75 in the last layer), what
+    PretrainConfig.pair_match trains."""
     config, params = pretraining.load_model(embedded.SHIPPED_DIR, head="mlm")
     tok = data.load_tokenizer(embedded.SHIPPED_DIR)
     scores, counts = probes.relation_probe(params, config, tok, "synth_qnli", 1.0, 64)

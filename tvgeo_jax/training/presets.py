@@ -63,7 +63,10 @@ _PRESETS = (
     # validation set of at least 200 (RTE: 2000 pool rows, 10%); 2 epochs (564 steps for
     # the largest tasks) fill the budget; the learning rates are tiny's (full FT 1e-3 on the
     # v4 base; LoRA 3e-3: 6e-3 learns less on synth_sst2, 1e-2 and 3e-2 on synth_qnli).
-    Preset("offline", "tiny", values=dict(epochs=2, patience=1, data_scale=5.0, **_QUIET)),
+    # Warm-up 0.3 on base v6 (session 11): at 0.1 full FT on synth_qqp collapsed to one
+    # class on seed 0 (F1 0.0; seed 1 0.89), at 0.3 it gives 0.89, CoLA by LoRA 0.80 (0.76).
+    Preset("offline", "tiny", values=dict(epochs=2, patience=1, data_scale=5.0,
+                                          warmup_ratio=0.3, **_QUIET)),
     # The pipeline's plumbing in about a minute (tiny-random, three tasks).
     Preset("smoke", "tiny", values=dict(epochs=1, patience=0, data_scale=0.1, max_seq_len=32,
                                         batch_size=16, **_QUIET)),
