@@ -257,13 +257,15 @@ def open_cache(out_dir: Optional[str], srcs: Sequence[sources.Source],
 
   Runs are identified by name and by the fingerprint of their weights
   (``models.fingerprint.model_fingerprint``), not by path: a moved run directory keeps
-  its cached scores, a run trained again in place does not."""
+  its cached scores, a run trained again in place does not. Without ``out_dir`` the
+  cache lives in memory only, and nothing is hashed."""
+  if not out_dir:
+    return EvalCache(None, {})
   meta = {"runs": sorted(f"{s.name}={fingerprint.model_fingerprint(s.params, s.config)}"
                          for s in srcs)}   # order-independent
   if max_examples is not None:
     meta["max_examples"] = int(max_examples)
-  path = os.path.join(out_dir, "cache", "evaluations.json") if out_dir else None
-  return EvalCache(path, meta)
+  return EvalCache(os.path.join(out_dir, "cache", "evaluations.json"), meta)
 
 
 def score_of(metrics: Mapping[str, Any], score: str) -> float:

@@ -23,7 +23,7 @@ def slow_mask(params: Mapping, fast_modules: Sequence[str]) -> dict:
   """True where a leaf trains at the slower rate: outside the head and ``fast_modules``
   (module names such as ``query``, matched against every component of a leaf's path)."""
   fast = tuple(fast_modules)
-  paths = [p for p, _ in trees.flatten(params).items()]
+  paths = list(trees.flatten(params))
   unknown = [m for m in fast if not any(m in p for p in paths)]
   if unknown:
     names = sorted({c for p in paths for c in p[:-1] if not c.isdigit()})
