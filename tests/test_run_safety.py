@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from tvgeo_jax.core import io_utils
+from tvgeo_jax.core import interrupts, io_utils
 from tvgeo_jax.training import runs
 from tvgeo_jax.training import compile_cache, loop, run_dir as run_dir_lib
 
@@ -205,6 +206,36 @@ class LockTest(absltest.TestCase):
     loop.finetune(_config(epochs=1), d, data=_data())
     self.assertTrue(runs.is_finished(d))
     self.assertFalse(os.path.exists(os.path.join(d, run_dir_lib.LOCK)))
+
+
+class DeferredInterruptTest(absltest.TestCase):
+  """Ctrl-C inside a checkpoint save lets the save finish, then interrupts (CI once caught
+  one inside orbax's wait_until_finished: orbax logged a traceback of its internals)."""
+
+  def setUp(self):
+    super().setUp()
+    # A suite started in the background may inherit SIGINT ignored; these tests need
+    # Python's own handler, as under a terminal.
+    self.addCleanup(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def test_the_block_runs_to_its_end_then_the_interrupt_is_raised(self):
+    done = []
+    with self.assertRaises(KeyboardInterrupt):
+      with interrupts.deferred_interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("after the signal")
+    self.assertEqual(done, ["after the signal"])
+    self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
+  def test_no_signal_no_interrupt_and_a_caller_handler_is_left_alone(self):
+    with interrupts.deferred_interrupt():
+      pass
+    got = []
+    signal.signal(signal.SIGINT, lambda *a: got.append("caller's"))
+    with interrupts.deferred_interrupt():
+      os.kill(os.getpid(), signal.SIGINT)
+    self.assertEqual(got, ["caller's"])
 
 
 class ResumeRulesTest(absltest.TestCase):

@@ -17,6 +17,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from tvgeo_jax.core import io_utils
+from tvgeo_jax.core.interrupts import deferred_interrupt
 from tvgeo_jax.core.sharding import wait_for_all_processes
 
 
@@ -52,9 +53,11 @@ class RunCheckpoints:
     self.best = _manager(os.path.join(root, "best"), max_to_keep=1, name=f"run{n}-best")
 
   # --- latest state ----------------------------------------------------------
+  # Saves, waits and close run to their end under Ctrl-C (see core/interrupts.py).
   def save_latest(self, step: int, state: Mapping, meta: Mapping) -> None:
-    self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
+    with deferred_interrupt():
+      self.latest.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
 
   def restore_latest(self, target_state: Any) -> Optional[Tuple[Any, dict]]:
     """(state, meta) of the newest readable checkpoint, or None if there is none.
@@ -109,9 +112,10 @@ class RunCheckpoints:
 
   # --- best params -----------------------------------------------------------
   def save_best(self, step: int, trainable: Mapping, meta: Mapping) -> None:
-    self.best.save(step, args=ocp.args.Composite(
-        trainable=ocp.args.StandardSave(trainable), meta=ocp.args.JsonSave(dict(meta))),
-        force=True)
+    with deferred_interrupt():
+      self.best.save(step, args=ocp.args.Composite(
+          trainable=ocp.args.StandardSave(trainable), meta=ocp.args.JsonSave(dict(meta))),
+          force=True)
 
   def restore_best(self, target_trainable: Any) -> Optional[Tuple[Any, dict]]:
     step = self.best.latest_step()
@@ -123,12 +127,14 @@ class RunCheckpoints:
     return got["trainable"], dict(got["meta"])
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    with deferred_interrupt():
+      self.latest.wait_until_finished()
+      self.best.wait_until_finished()
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    with deferred_interrupt():
+      self.latest.close()
+      self.best.close()
 
 
 def _this_process_checkpointer() -> ocp.StandardCheckpointer:
@@ -152,7 +158,7 @@ def save_tree(directory: str, tree: Mapping) -> None:
   if jax.process_index() == 0 and os.path.exists(staging):
     shutil.rmtree(staging)
   wait_for_all_processes(f"tvgeo_jax save_tree {staging}")
-  with ocp.StandardCheckpointer() as ckptr:  # orbax writes its own temp, then renames
+  with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:  # orbax: temp, rename
     ckptr.save(staging, tree)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
