@@ -142,6 +142,31 @@ class SyntheticTest(parameterized.TestCase):
     self.assertGreater(scores[1], floor)
     self.assertGreater(scores[1], scores[0] + 0.05)
 
+  @parameterized.parameters("synth_rte", "synth_stsb")
+  def test_train_scale_adds_fresh_training_rows_and_keeps_validation_and_test(self, name):
+    spec = data.get_task(name)
+    one = data.load_task_data(name, seed=3, scale=0.5)
+    more = data.load_task_data(name, seed=3, scale=0.5, train_scale=2.5)
+    for split in ("validation", "test"):
+      self.assertEqual(more[split].texts, one[split].texts)
+      np.testing.assert_array_equal(more[split].labels, one[split].labels)
+    n = len(one["train"].texts)
+    self.assertEqual(more["train"].texts[:n], one["train"].texts)
+    extra = more["train"].texts[n:]
+    pool = synthetic.sizes(name, 0.5)[0]
+    self.assertAlmostEqual(len(extra), 1.5 * pool, delta=spec.num_labels + 6)
+    every = [t for s in ("train", "validation", "test") for t in more[s].texts]
+    self.assertLen(set(every), len(every))  # the extra rows are new texts
+    if not spec.is_regression:
+      counts = np.bincount(more["train"].labels[n:], minlength=spec.num_labels)
+      self.assertEqual(counts.min(), counts.max())
+    with self.assertRaisesRegex(ValueError, "train_scale must be >= 1"):
+      synthetic.generate(name, scale=0.5, train_scale=0.5)
+
+  def test_train_scale_is_for_synthetic_tasks(self):
+    with self.assertRaisesRegex(ValueError, "synthetic tasks only.*--train_scale"):
+      data.load_task_data("rte", data_dir="/nonexistent", train_scale=2)
+
   def test_sizes_follow_paper_order_and_scale(self):
     train = {t: synthetic.sizes(t)[0] for t in data.SYNTH_PAPER_TASKS}
     order = ["synth_rte", "synth_mrpc", "synth_cola", "synth_imdb", "synth_sst2", "synth_qnli",

@@ -206,6 +206,31 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(presets.resolve("x", "lora", "tiny", "paper",
                                      {"learning_rate": 5e-4}).learning_rate, 5e-4)
 
+  def test_a_preset_can_set_values_per_task_and_method(self):
+    """Down the lineage: values, methods[m], then tasks[t].values, tasks[t].methods[m]."""
+    fake = presets.Preset("per_task", "tiny", values=dict(epochs=3), tasks={
+        "synth_rte": presets.TaskValues(values=dict(train_scale=4.0, epochs=5),
+                                        methods={"lora": dict(train_scale=6.0)})})
+    try:
+      presets.PRESETS["per_task"] = fake
+      got = {(t, m): presets.resolve(t, m, "tiny", "per_task")
+             for t in ("synth_rte", "synth_cola") for m in ("full", "lora")}
+    finally:
+      del presets.PRESETS["per_task"]
+    self.assertEqual({k: (c.train_scale, c.epochs) for k, c in got.items()},
+                     {("synth_rte", "full"): (4.0, 5), ("synth_rte", "lora"): (6.0, 5),
+                      ("synth_cola", "full"): (1.0, 3), ("synth_cola", "lora"): (1.0, 3)})
+    self.assertEqual(got["synth_rte", "lora"].learning_rate, 3e-3)  # tiny's, inherited
+    self.assertEqual(presets.resolve("synth_rte", "lora", "tiny", "tiny",
+                                     {"train_scale": 2.0}).train_scale, 2.0)  # flags win
+
+  def test_per_task_preset_values_name_registered_tasks(self):
+    from tvgeo_jax import data
+    for p in presets.PRESETS.values():
+      for task, own in p.tasks.items():
+        self.assertEqual(data.get_task(task).name, task, f"{p.name}: {task}")
+        self.assertLessEqual(set(own.methods), set(partition.METHODS))
+
   def test_bad_values_are_named(self):
     with self.assertRaisesRegex(ValueError, "lora_rank must be > 0"):
       TrainConfig(method="lora", lora_rank=0)

@@ -50,7 +50,8 @@ class TaskData:
 
 
 def load_task_data(name: str, data_dir: Optional[str] = None, seed: int = 0,
-                   scale: float = 1.0, revision: Optional[str] = None) -> TaskData:
+                   scale: float = 1.0, revision: Optional[str] = None,
+                   train_scale: float = 1.0) -> TaskData:
   """Load a task's train / validation / test splits.
 
   Args:
@@ -58,6 +59,8 @@ def load_task_data(name: str, data_dir: Optional[str] = None, seed: int = 0,
     data_dir: for real tasks, a local copy in the hub's formats instead of the hub.
     seed: seed of the 90/10 train/validation split (and of generation for synth tasks).
     scale: size multiplier of synthetic tasks (ignored for real tasks).
+    train_scale: for synthetic tasks, a multiplier of the training examples alone: the
+      validation and test splits stay those of ``train_scale=1`` (1 for real tasks).
     revision: for hub tasks, the dataset revision (branch, tag or commit).
 
   Raises:
@@ -69,12 +72,17 @@ def load_task_data(name: str, data_dir: Optional[str] = None, seed: int = 0,
       flag = "--data_dir" if data_dir is not None else "--data_revision"
       raise ValueError(f"{spec.name} is generated offline; {flag} applies to real tasks "
                        f"only (did you mean --task={spec.counterpart}?).")
-    gen = synthetic.generate(spec.name, seed=seed, scale=scale)
+    gen = synthetic.generate(spec.name, seed=seed, scale=scale, train_scale=train_scale)
     texts, labels = gen["train"]
     tr, va = split_train_validation(len(texts), seed)
-    raw = {"train": ([texts[i] for i in tr], labels[tr]),
+    extra_texts, extra_labels = gen.get("extra_train", ([], labels[:0]))
+    raw = {"train": ([texts[i] for i in tr] + list(extra_texts),
+                     np.concatenate([labels[tr], extra_labels])),
            "validation": ([texts[i] for i in va], labels[va]), "test": gen["test"]}
   else:
+    if train_scale != 1:
+      raise ValueError(f"train_scale applies to synthetic tasks only; {spec.name} is a real "
+                       "task (drop --train_scale).")
     raw = load_real_splits(spec, data_dir=data_dir, seed=seed, revision=revision)
   return TaskData(spec, {k: SplitData(list(raw[k][0]), raw[k][1]) for k in SPLITS})
 

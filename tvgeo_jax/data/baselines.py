@@ -32,13 +32,15 @@ def bag_of_words_docs(texts: Sequence[Tuple[str, ...]]) -> list:
 
 
 def bag_of_words_baseline(task: str, seed: int = 0, scale: float = 1.0,
+                          train_scale: float = 1.0,
                           splits: Optional[Dict[str, Tuple[Sequence, np.ndarray]]] = None,
                           ngram: int = 1, c: float = 1.0) -> Dict[str, Any]:
   """Test metrics of a bag-of-words model fit on the training split of ``task``.
 
   Args:
     task: a registered task name (its metrics and main metric score the baseline).
-    seed, scale: passed to ``tvgeo_jax.data.load_task_data`` when ``splits`` is None.
+    seed, scale, train_scale: passed to ``tvgeo_jax.data.load_task_data`` when
+      ``splits`` is None (the training examples the fine-tuned model had).
     splits: ``{"train": (texts, labels), "test": (texts, labels)}`` to use instead.
     ngram: 1 counts words; 2 also counts word bigrams (a word-order check).
     c: inverse regularisation strength of the logistic regression.
@@ -52,7 +54,7 @@ def bag_of_words_baseline(task: str, seed: int = 0, scale: float = 1.0,
 
   spec = get_task(task)
   if splits is None:
-    d = load_task_data(spec.name, seed=seed, scale=scale)
+    d = load_task_data(spec.name, seed=seed, scale=scale, train_scale=train_scale)
     splits = {s: (d[s].texts, d[s].labels) for s in ("train", "test")}
   (tr_x, tr_y), (te_x, te_y) = splits["train"], splits["test"]
   vec = CountVectorizer(token_pattern=r"\S+", lowercase=False, ngram_range=(1, ngram))

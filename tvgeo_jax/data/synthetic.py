@@ -727,12 +727,17 @@ def sizes(name: str, scale: float = 1.0) -> Tuple[int, int]:
   return max(20, int(round(n_train * scale))), max(12, int(round(n_test * scale)))
 
 
-def generate(name: str, seed: int = 0, scale: float = 1.0):
+def generate(name: str, seed: int = 0, scale: float = 1.0, train_scale: float = 1.0):
   """Generate a synthetic task: ``{'train', 'test'} -> (texts, labels)``.
 
   Classes (STS-B: the six overlap levels) are balanced in both splits; texts are unique
   across the whole task, so no test text occurs in train. Deterministic in (name, seed,
-  scale).
+  scale, train_scale).
+
+  ``train_scale`` > 1 adds ``extra_train``: ``train_scale - 1`` times the train pool
+  again, balanced and distinct from every other text, drawn after the rest, so ``train``
+  and ``test`` are exactly those of ``train_scale=1`` (a task given more training
+  examples is scored on the same test set, and validated on the same split of ``train``).
   """
   spec = get_task(name)
   if not spec.is_synthetic:
@@ -742,17 +747,19 @@ def generate(name: str, seed: int = 0, scale: float = 1.0):
   k = STSB_LEVELS if spec.is_regression else spec.num_labels
   per_train = max(1, int(round(n_train / k)))
   per_test = max(1, int(round(n_test / k)))
+  if train_scale < 1:
+    raise ValueError(f"train_scale must be >= 1 (a multiple of the train pool), got "
+                     f"{train_scale}.")
   r = random.Random(f"{spec.name}/{seed}/v{GENERATOR_VERSION}")
   seen = set()
-  train, test = [], []
-  for c in range(k):
-    rows = []
-    tries = 0
-    while len(rows) < per_train + per_test:
+
+  def draw(c: int, n: int) -> List[Example]:
+    rows, tries = [], 0
+    while len(rows) < n:
       tries += 1
-      if tries > 50 * (per_train + per_test) + 1000:
+      if tries > 50 * n + 1000:
         raise ValueError(f"{spec.name}: the grammar ran out of distinct examples at "
-                         f"scale={scale}; use a smaller scale.")
+                         f"scale={scale}, train_scale={train_scale}; use smaller ones.")
       texts, y = gen(r, c)
       texts = tuple(_sent(t) for t in texts)
       key = "\t".join(texts)
@@ -760,15 +767,24 @@ def generate(name: str, seed: int = 0, scale: float = 1.0):
         continue
       seen.add(key)
       rows.append((texts, y))
+    return rows
+
+  train, test = [], []
+  for c in range(k):
+    rows = draw(c, per_train + per_test)
     test += rows[:per_test]
     train += rows[per_test:]
   r.shuffle(train)
   r.shuffle(test)
+  splits = {"train": train, "test": test}
+  per_extra = int(round(per_train * (train_scale - 1)))
+  if per_extra:
+    extra = [row for c in range(k) for row in draw(c, per_extra)]
+    r.shuffle(extra)
+    splits["extra_train"] = extra
   dtype = np.float32 if spec.is_regression else np.int32
-  out = {}
-  for split, rows in (("train", train), ("test", test)):
-    out[split] = ([t for t, _ in rows], np.asarray([y for _, y in rows], dtype=dtype))
-  return out
+  return {split: ([t for t, _ in rows], np.asarray([y for _, y in rows], dtype=dtype))
+          for split, rows in splits.items()}
 
 
 def corpus(seed: int = 0, scale: float = 1.0) -> List[str]:

@@ -37,7 +37,8 @@ _MESH = []
 
 
 def data_key(train_config) -> Tuple:
-  """What determines the tokenised eval batches of a run's config."""
+  """What determines the tokenised eval batches of a run's config (not ``train_scale``:
+  it changes the train split alone, which evaluation never reads)."""
   c = train_config
   return (c.task, c.model, int(c.seed), int(c.max_seq_len), float(c.data_scale), c.data_dir,
           int(c.eval_batch_size))

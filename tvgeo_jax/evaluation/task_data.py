@@ -3,7 +3,8 @@
 Training batches are shuffled from ``(seed, epoch)`` (so a resumed run sees the same
 order) and bucketed by length; each host yields only its slice of every global batch.
 The config argument is anything with a ``TrainConfig``'s data fields (task, model, seed,
-data_scale, data_dir, data_revision, max_seq_len, batch_size, eval_batch_size).
+data_scale, train_scale, data_dir, data_revision, max_seq_len, batch_size,
+eval_batch_size).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def build(config: Any) -> TaskData:
   """Load, tokenise and batch ``config.task`` for ``config.model``'s tokenizer."""
   spec = task_spec(config.task)
   raw = data.load_task_data(spec.name, data_dir=config.data_dir, seed=config.seed,
-                            scale=config.data_scale, revision=config.data_revision)
+                            scale=config.data_scale, revision=config.data_revision,
+                            train_scale=config.train_scale)
   return from_splits({s: raw[s] for s in data.SPLITS}, config,
                      num_labels=spec.num_labels, is_regression=spec.is_regression,
                      label_names=spec.label_names, metrics=spec.metrics,

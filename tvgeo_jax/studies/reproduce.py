@@ -430,15 +430,16 @@ PAPER_TRAIN_SIZES = {"cola": 8551, "mrpc": 3668, "rte": 2490, "qnli": 104743, "q
                      "imdb": 25000}
 
 
-def _train_rows(task: str, scale: float) -> int:
+def _train_rows(task: str, scale: float, train_scale: float = 1.0) -> int:
   """Training rows of a task after the validation split: the generator's pool at
-  ``scale`` for synthetic tasks, paper A's Table 1 size for real ones (10,000 if unknown)."""
+  ``scale`` (and its extra training rows at ``train_scale``) for synthetic tasks, paper
+  A's Table 1 size for real ones (10,000 if unknown)."""
   spec = get_task(task)
-  if spec.is_synthetic:
-    pool = synthetic.sizes(spec.name, scale)[0]
-  else:
+  if not spec.is_synthetic:
     pool = PAPER_TRAIN_SIZES.get(spec.name, 10000)
-  return pool - validation_rows(pool)
+    return pool - validation_rows(pool)
+  pool = synthetic.sizes(spec.name, scale)[0]
+  return pool - validation_rows(pool) + int(round(pool * (train_scale - 1)))
 
 
 def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
@@ -460,7 +461,7 @@ def dry_run_plan(preset: StudyPreset) -> Dict[str, Any]:
   runs, total_flops, trees_by_method = [], 0.0, {}
   for task, method, k in Pipeline(preset, "/dev/null").finetune_jobs():
     tc = preset.train_config(task, method, k)
-    n_train = _train_rows(task, tc.data_scale)
+    n_train = _train_rows(task, tc.data_scale, tc.train_scale)
     steps_per_epoch = -(-n_train // tc.batch_size)
     adapter_key = (method, tc.lora_rank, tuple(tc.lora_targets), tc.bottleneck_size,
                    tc.bottleneck_reduction_factor)

@@ -69,7 +69,8 @@ def score_study(models: Mapping[str, str], out_dir: str, *, bag_of_words: bool =
           and r["task"] not in bow:
         cfg = io_utils.read_json(os.path.join(r["run"], runs.RESULTS))["config"]
         bow[r["task"]] = float(baselines.bag_of_words_baseline(
-            r["task"], seed=cfg["seed"], scale=cfg.get("data_scale", 1.0))["main"])
+            r["task"], seed=cfg["seed"], scale=cfg.get("data_scale", 1.0),
+            train_scale=cfg.get("train_scale", 1.0))["main"])
   summary = {"models": records, "bag_of_words": bow, "paper_a_table2": PAPER_A_TABLE2,
              "chance_rule": evidence.chance_rule(margin), "margin": margin,
              "near_chance": near, "findings": [f.to_dict() for f in findings(records)]}

@@ -69,6 +69,9 @@ class TrainConfig:
   # Data.
   max_seq_len: int = _field(128, "Maximum tokens per example.")
   data_scale: float = _field(1.0, "Size multiplier of synthetic tasks.")
+  train_scale: float = _field(
+      1.0, "Multiplier of a synthetic task's training examples alone (>= 1): more fresh "
+      "training pairs, the same validation and test sets as at 1.")
   data_dir: Optional[str] = _field(None, "Local copy of a real task's data (instead of the hub).")
   data_revision: Optional[str] = _field(
       None, "Hub dataset revision (branch, tag or commit) of a real task; default branch if unset.")
@@ -108,6 +111,9 @@ class TrainConfig:
     for name, value in non_negative.items():
       if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
+    if not self.train_scale >= 1:
+      raise ValueError(f"train_scale must be >= 1, got {self.train_scale!r}; pass "
+                       "--train_scale=1 for the task's own training set.")
     if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
     if not 0.0 <= self.warmup_ratio < 1.0:
