@@ -46,12 +46,18 @@ class ConfigFlagsTest(absltest.TestCase):
                      (3e-3, 40, 10, 32, 64, root.weight_decay))
     # A child's all-method value overrides its parent's per-method one; per-method values
     # it does not set (the learning rates) are inherited.
-    offline = {m: presets.resolve("synth_sst2", m, "embedded", "offline") for m in
+    offline = {m: presets.resolve("synth_cola", m, "embedded", "offline") for m in
                ("full", "lora", "bottleneck")}
     self.assertEqual({m: (c.epochs, c.patience, c.data_scale, c.learning_rate, c.progress)
                       for m, c in offline.items()},
                      {"full": (2, 1, 5.0, 1e-3, False), "lora": (2, 1, 5.0, 3e-3, False),
                       "bottleneck": (2, 1, 5.0, 3e-3, False)})
+    # Per-task values come last: SST-2 has room to spare (data scale 2), RTE by LoRA
+    # needs more training pairs than by full fine-tuning.
+    self.assertEqual(presets.resolve("synth_sst2", "lora", "embedded", "offline").data_scale,
+                     2.0)
+    self.assertEqual([presets.resolve("synth_rte", m, "embedded", "offline").train_scale
+                      for m in ("full", "lora", "bottleneck")], [3.0, 6.0, 1.0])
     with self.assertRaisesRegex(ValueError, "Unknown preset 'nope'; valid presets: paper"):
       presets.resolve("synth_sst2", "lora", "tiny", "nope")
 

@@ -180,15 +180,49 @@ class LengthGroupsTest(absltest.TestCase):
     self.assertEqual(group.length_groups([57, 282, 141, 282, 85], 2), [[1, 3], [2, 4], [0]])
     self.assertEqual(group.length_groups([3, 3, 3], 5), [[0, 1, 2]])
 
-  def test_many_groups_by_length_and_returns_results_in_the_given_order(self):
+  def test_plan_groups_is_the_cheapest_partition(self):
+    """Against every partition of six members (brute force): the plan's estimated cost is
+    the minimum, and a short-text member is kept out of the long-text group."""
+    steps, tokens = [1120, 1080, 1000, 400, 380, 240], [64, 64, 32, 32, 64, 24]
+
+    def partitions(items):
+      if not items:
+        yield []
+        return
+      first, rest = items[0], items[1:]
+      for p in partitions(rest):
+        yield [[first]] + p
+        for i in range(len(p)):
+          yield p[:i] + [[first] + p[i]] + p[i + 1:]
+
+    def cost(groups):
+      return sum(group.group_cost([steps[i] for i in g], [tokens[i] for i in g]) for g in groups)
+
+    for k in (2, 3, 6):
+      plan = group.plan_groups(steps, tokens, k)
+      self.assertEqual(sorted(i for g in plan for i in g), list(range(6)))
+      self.assertTrue(all(len(g) <= k for g in plan))
+      cheapest = min(cost(p) for p in partitions(list(range(6))) if max(map(len, p)) <= k)
+      self.assertAlmostEqual(cost(plan), cheapest)
+      self.assertLessEqual(cost(plan), cost(group.length_groups(steps, k)))
+    # The 32-token member 2 would compute at 64 tokens beside 0 and 1: it trains alone.
+    # Longest group first; members of a group in the given order.
+    self.assertEqual(group.plan_groups(steps, tokens, 3), [[0, 1], [2], [3, 4, 5]])
+    # Small members: the fixed cost of a group outweighs idling, so fewer groups.
+    self.assertEqual(group.plan_groups([s // 2 for s in steps], tokens, 3),
+                     [[0, 1, 2], [3, 4, 5]])
+
+  def test_many_plans_groups_and_returns_results_in_the_given_order(self):
     root = tempfile.mkdtemp()
-    order = (2, 0, 1)  # c (3 steps per epoch), a (6), b (4): groups {a, b} then {c}
+    # c (3 steps per epoch), a (6), b (4), one length: {a} then {c, b} computes 6 + 2 × 4
+    # member-steps, {a, b} then {c} 2 × 6 + 3.
+    order = (2, 0, 1)
     configs = [_config(SPECS[i][0], "lora", epochs=1, patience=0) for i in order]
     with mock.patch.object(group, "finetune_group", wraps=group.finetune_group) as spy:
       out = group.finetune_many(configs, [os.path.join(root, SPECS[i][0]) for i in order],
                                 max_concurrent=2, data=[_data(i) for i in order])
     self.assertEqual([[c.task for c in call.args[0]] for call in spy.call_args_list],
-                     [["a", "b"], ["c"]])
+                     [["a"], ["c", "b"]])
     self.assertEqual([r["task"] for r in out], ["c", "a", "b"])
     self.assertEqual([r["steps"] for r in out], [3, 6, 4])
 
