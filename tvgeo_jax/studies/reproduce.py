@@ -98,8 +98,9 @@ def _offline() -> StudyPreset:
   # synth_qnli (two families, learnt by both methods) give the report a seed floor (seeds
   # on every task would double the fine-tuning); the product-averaged LoRA pair grid (43 s
   # of the merge step's 111) is left to `experiments.merge_grid`. Paper B's representation
-  # task is synth_qnli, a pair task every method learns (synth_mrpc, paper B's own, stays
-  # near chance offline, which leaves its findings "not evaluated").
+  # task is synth_qnli, a pair task every method learns (chosen while synth_mrpc, paper B's
+  # own, sat near chance offline; it learns since session 12, at 3-6x the training pairs).
+  # The per-task values (data and training scale) are the training preset's.
   return StudyPreset(
       name="offline", model="embedded", tasks=tuple(SYNTH_PAPER_TASKS), train_preset="offline",
       repr_task="synth_qnli", ovr_task="synth_authorship", max_concurrent=4,
