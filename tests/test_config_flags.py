@@ -46,7 +46,7 @@ class ConfigFlagsTest(absltest.TestCase):
                      (3e-3, 40, 10, 32, 64, root.weight_decay))
     # A child's all-method value overrides its parent's per-method one; per-method values
     # it does not set (the learning rates) are inherited.
-    offline = {m: presets.resolve("synth_cola", m, "embedded", "offline") for m in
+    offline = {m: presets.resolve("synth_qnli", m, "embedded", "offline") for m in
                ("full", "lora", "bottleneck")}
     self.assertEqual({m: (c.epochs, c.patience, c.data_scale, c.learning_rate, c.progress)
                       for m, c in offline.items()},
