@@ -67,6 +67,8 @@ def score_study(models: Mapping[str, str], out_dir: str, *, bag_of_words: bool =
     for k, r in records.items():
       if data.get_task(r["task"]).is_synthetic and k.split("/")[0] == r["task"] \
           and r["task"] not in bow:
+        # One baseline per task, on its first model's training rows (the study lists full
+        # FT first; a method with a larger train_scale trained on more rows than this).
         cfg = io_utils.read_json(os.path.join(r["run"], runs.RESULTS))["config"]
         bow[r["task"]] = float(baselines.bag_of_words_baseline(
             r["task"], seed=cfg["seed"], scale=cfg.get("data_scale", 1.0),
