@@ -6,6 +6,7 @@
   (``JAX_COMPILATION_CACHE_DIR``, inherited by subprocesses): a program compiled by one
   test file (or a previous run) is loaded, not recompiled, by the next.
 * Quiet third-party logs.
+* glibc keeps freed memory for reuse (``core.host_memory``), as the CLIs do.
 
 Shared fixtures (tiny configs, small tasks, batches) live in ``test_training_fixtures``;
 ``tests/`` is on ``sys.path`` because this file is here.
@@ -18,3 +19,7 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(os.environ.get("TVGEO_CACHE", os.path.expanduser("~/.cache/tvgeo_jax")),
                  "xla-tests"))
+
+from tvgeo_jax.core import host_memory  # noqa: E402  (imports no jax)
+
+host_memory.keep_freed_memory()
