@@ -25,7 +25,6 @@ one heap's lock. ``TVGEO_KEEP_FREED_MEMORY=0`` keeps glibc's defaults. Other C l
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 ENV_VAR = "TVGEO_KEEP_FREED_MEMORY"
@@ -40,11 +39,9 @@ def keep_freed_memory(limit: int = LIMIT) -> bool:
   disabled by ``TVGEO_KEEP_FREED_MEMORY=0``)."""
   if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
     return False
-  name = ctypes.util.find_library("c")
   try:
-    libc = ctypes.CDLL(name)
-    mallopt = libc.mallopt
-  except (OSError, AttributeError, TypeError):
+    mallopt = ctypes.CDLL(None).mallopt   # the process's own C library, no search
+  except (OSError, AttributeError):
     return False   # not glibc
   mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
   return all([mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_THRESHOLD, limit),
